@@ -1,0 +1,283 @@
+"""Typed run configuration: YAML files plus dotted ``key=value`` overrides, validated at start.
+
+A config is a tree of dataclass sections (model, parallel, data, rollout, algorithm, reward,
+optimizer, trainer, logging, checkpoint, ...). Loading merges, in order: the dataclass defaults,
+each YAML file, then the command-line overrides (``rollout.n=8 parallel.tp=2``). OmegaConf does
+the typed merge; every failure is re-raised as a :class:`ConfigError` that names the field and
+says how to fix it. :func:`validate` then checks what no single field can: divisibility of the
+world size and the model's heads by the parallel sizes, paths that must exist, value ranges.
+
+Sections owned by a subsystem are defined next to that subsystem's code (for instance the reward
+weights in :mod:`megavrl.rewards`) and imported here, so each option is declared exactly once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work. The message names the field and the fix."""
+
+
+# ----------------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    hf_dir: Optional[str] = None
+    """Hugging Face Qwen2.5-VL directory (config, tokenizer, processor, safetensors)."""
+    megatron_ckpt: Optional[str] = None
+    """Megatron distributed checkpoint to start from instead of hf_dir's weights (hf_dir still
+    supplies config, tokenizer and processor)."""
+    dtype: str = "auto"
+    """float32 | bfloat16 | float16 | auto (bfloat16 on GPU, float32 on CPU)."""
+    freeze_vision: bool = False
+    freeze_projector: bool = False
+    recompute_activations: bool = False
+    """Megatron full activation recomputation (saves memory, costs ~1/3 more compute)."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Megatron tensor-parallel size."""
+    pp: int = 1
+    """Megatron pipeline-parallel size. Data parallelism is world_size / (tp * pp)."""
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state across data-parallel ranks (only takes effect on GPU with DP > 1)."""
+    backend: str = "auto"
+    """auto | nccl | gloo. auto: nccl with CUDA, gloo (CPU mode) without."""
+    nproc: Optional[int] = None
+    """Processes to start when a command runs outside torchrun (default: tp * pp)."""
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_warmup_steps: int = 0
+    lr_decay_style: str = "constant"
+    """constant | linear | cosine (decay over trainer.total_steps)."""
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 100
+    prompts_per_step: int = 16
+    micro_batch_size: int = 1
+    """Sequences per micro-batch of Megatron's forward-backward schedule."""
+    seed: int = 1234
+    eval_every: int = 0
+    """Steps between evaluations (0: only before and after training)."""
+    max_consecutive_nonfinite: int = 3
+    """Stop after this many steps in a row whose loss was NaN/inf (each is skipped and counted)."""
+    output_dir: str = "runs/megavrl"
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard_dir: Optional[str] = None
+    """Default: <trainer.output_dir>/tensorboard."""
+    log_every: int = 1
+    """Steps between console lines (TensorBoard gets every step)."""
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    """Default: <trainer.output_dir>/checkpoints."""
+    save_every: int = 0
+    """Steps between checkpoints (0: only at the end and on SIGTERM)."""
+    keep_last: int = 3
+    resume: str = "auto"
+    """auto (newest complete checkpoint in dir, if any) | none | a checkpoint path."""
+    export_hf_at_end: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def _field_path(exc: Exception) -> str:
+    return str(getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?")
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item or item.startswith("="):
+        raise ConfigError(f"override {item!r} is not of the form key=value (for example rollout.n=8)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(files: str | os.PathLike | list = (), overrides: list[str] = (), schema: type = Config):
+    """Build a ``schema`` instance from YAML ``files`` and dotted ``overrides``.
+
+    Raises ConfigError naming the offending field: unknown keys (with a close-match
+    suggestion), values of the wrong type, malformed overrides, unreadable files.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
+    merged = OmegaConf.structured(schema)
+    layers: list[tuple[str, dict]] = []
+    for path in files:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, not {type(data).__name__}")
+        layers.append((str(path), data))
+    for item in overrides:
+        key, value = _parse_override(item)
+        layers.append((f"override {item!r}", _nest(key, value)))
+    for source, data in layers:
+        try:
+            merged = OmegaConf.merge(merged, data)
+        except ConfigKeyError as e:
+            raise ConfigError(f"{source}: unknown config field '{_field_path(e)}'. {_first_line(e)}") from None
+        except ValidationError as e:
+            raise ConfigError(f"{source}: config field '{_field_path(e)}' has a bad value: {_first_line(e)}") from None
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{source}: config field '{_field_path(e)}': {_first_line(e)}") from None
+    return OmegaConf.to_object(merged)
+
+
+def to_dict(cfg) -> dict:
+    """A plain nested dict (for logging, TensorBoard hparams and checkpoint metadata)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg) -> str:
+    return yaml.safe_dump(json.loads(json.dumps(to_dict(cfg))), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------- validation
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate_parallel(parallel: ParallelConfig, world_size: int | None = None) -> None:
+    """Parallel sizes against each other and, when known, the number of processes."""
+    _positive("parallel.tp", parallel.tp)
+    _positive("parallel.pp", parallel.pp)
+    _choice("parallel.backend", parallel.backend, ("auto", "nccl", "gloo"))
+    model_parallel = parallel.tp * parallel.pp
+    if world_size is not None and world_size % model_parallel != 0:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by parallel.tp * parallel.pp = "
+            f"{parallel.tp} * {parallel.pp} = {model_parallel}: start a multiple of {model_parallel} "
+            f"processes (torchrun --nproc-per-node) or change parallel.tp / parallel.pp")
+    if parallel.nproc is not None and parallel.nproc % model_parallel != 0:
+        raise ConfigError(f"parallel.nproc={parallel.nproc} is not divisible by parallel.tp * parallel.pp "
+                          f"= {model_parallel}")
+
+
+def validate_model_against_parallel(hf_config, tp: int) -> None:
+    """Heads and KV groups of the HF config must split evenly over ``tp`` ranks."""
+    text = getattr(hf_config, "text_config", hf_config)
+    vision = getattr(hf_config, "vision_config", None)
+    checks = [("num_attention_heads", text.num_attention_heads),
+              ("num_query_groups (num_key_value_heads)", text.num_key_value_heads or text.num_attention_heads)]
+    if vision is not None:
+        checks.append(("vision num_heads", vision.num_heads))
+    for what, n in checks:
+        if n % tp != 0:
+            raise ConfigError(f"{what}={n} is not divisible by tensor_model_parallel_size "
+                              f"(parallel.tp)={tp}: choose parallel.tp among the divisors of {n}")
+
+
+def validate(cfg: Config, world_size: int | None = None, check_paths: bool = True) -> Config:
+    """Cross-field checks that no single field can do. Returns ``cfg`` for chaining."""
+    validate_parallel(cfg.parallel, world_size)
+    _choice("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16", "float16"))
+    _choice("optimizer.lr_decay_style", cfg.optimizer.lr_decay_style, ("constant", "linear", "cosine"))
+    _positive("optimizer.lr", cfg.optimizer.lr)
+    _positive("optimizer.min_lr", cfg.optimizer.min_lr, allow_zero=True)
+    if cfg.optimizer.min_lr > cfg.optimizer.lr:
+        raise ConfigError(f"optimizer.min_lr={cfg.optimizer.min_lr} exceeds optimizer.lr={cfg.optimizer.lr}")
+    _positive("optimizer.clip_grad", cfg.optimizer.clip_grad, allow_zero=True)
+    _positive("trainer.total_steps", cfg.trainer.total_steps, allow_zero=True)
+    _positive("trainer.prompts_per_step", cfg.trainer.prompts_per_step)
+    _positive("trainer.micro_batch_size", cfg.trainer.micro_batch_size)
+    _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    if cfg.checkpoint.resume not in ("auto", "none") and check_paths and not Path(cfg.checkpoint.resume).exists():
+        raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r} does not exist: give an existing "
+                          f"checkpoint directory, 'auto' or 'none'")
+    if check_paths:
+        if cfg.model.hf_dir is None:
+            raise ConfigError("model.hf_dir is not set: point it at a Hugging Face Qwen2.5-VL directory "
+                              "(make one for tests with `megavrl make-tiny-model --out DIR`)")
+        hf_dir = Path(cfg.model.hf_dir)
+        if not (hf_dir / "config.json").is_file():
+            raise ConfigError(f"model.hf_dir={cfg.model.hf_dir!r} has no config.json: give a Hugging Face "
+                              f"Qwen2.5-VL directory")
+        if cfg.model.megatron_ckpt is not None and not Path(cfg.model.megatron_ckpt).exists():
+            raise ConfigError(f"model.megatron_ckpt={cfg.model.megatron_ckpt!r} does not exist")
+        model_type = json.loads((hf_dir / "config.json").read_text()).get("model_type")
+        if model_type != "qwen2_5_vl":
+            raise ConfigError(f"model.hf_dir={cfg.model.hf_dir!r} holds a {model_type!r} model; "
+                              f"megavrl trains Qwen2.5-VL (model_type 'qwen2_5_vl')")
+        from transformers import AutoConfig
+
+        try:
+            hf_config = AutoConfig.from_pretrained(hf_dir)
+        except Exception as e:  # transformers validates sizes on load
+            raise ConfigError(f"model.hf_dir={cfg.model.hf_dir!r}: config.json is invalid: {_first_line(e)}") from None
+        validate_model_against_parallel(hf_config, cfg.parallel.tp)
+    return cfg

@@ -1,0 +1,86 @@
+"""Config loading and validation: every failure names the field and the fix."""
+import pytest
+
+from megavrl.config import Config, ConfigError, dump_yaml, load_config, validate
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_defaults_yaml_and_overrides_merge_in_order(tmp_path):
+    a = write(tmp_path, "parallel:\n  tp: 2\noptimizer:\n  lr: 1.0e-5\n", "a.yaml")
+    b = write(tmp_path, "optimizer:\n  lr: 2.0e-5\n", "b.yaml")
+    cfg = load_config([a, b], ["trainer.total_steps=7", "model.freeze_vision=true", "checkpoint.dir=/x"])
+    assert isinstance(cfg, Config)
+    assert cfg.parallel.tp == 2 and cfg.parallel.pp == 1
+    assert cfg.optimizer.lr == 2e-5  # the later file wins
+    assert cfg.trainer.total_steps == 7 and cfg.model.freeze_vision is True
+    assert cfg.checkpoint.dir == "/x"
+    assert "tp: 2" in dump_yaml(cfg)
+
+
+def test_unknown_key_suggests_close_match(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config field 'optimizer.lrr'.*Did you mean: 'lr'"):
+        load_config(write(tmp_path, "optimizer:\n  lrr: 1.0\n"))
+    with pytest.raises(ConfigError, match=r"override 'parallel.tpp=2'.*'parallel.tpp'.*'tp'"):
+        load_config([], ["parallel.tpp=2"])
+    with pytest.raises(ConfigError, match="unknown config field 'modle'"):
+        load_config([], ["modle.hf_dir=x"])
+
+
+def test_wrong_type_names_field():
+    with pytest.raises(ConfigError, match=r"'trainer.total_steps' has a bad value"):
+        load_config([], ["trainer.total_steps=many"])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config([], ["parallel.tp"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "a: [1,\n"))
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_world_size_not_divisible_by_tp_pp():
+    cfg = load_config([], ["parallel.tp=2", "parallel.pp=2"])
+    with pytest.raises(ConfigError, match=r"world size 6 is not divisible by parallel.tp \* parallel.pp = 2 \* 2 = 4"):
+        validate(cfg, world_size=6, check_paths=False)
+    validate(cfg, world_size=8, check_paths=False)
+
+
+def test_bad_choices_and_ranges():
+    for override, match in [("model.dtype=fp8", "model.dtype='fp8' is not one of"),
+                            ("optimizer.lr=0", "optimizer.lr=0.0 must be > 0"),
+                            ("parallel.backend=mpi", "parallel.backend='mpi'"),
+                            ("optimizer.min_lr=1.0", "optimizer.min_lr=1.0 exceeds optimizer.lr")]:
+        with pytest.raises(ConfigError, match=match):
+            validate(load_config([], [override]), check_paths=False)
+
+
+def test_missing_paths_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="model.hf_dir is not set"):
+        validate(load_config([]))
+    with pytest.raises(ConfigError, match="model.hf_dir=.*has no config.json"):
+        validate(load_config([], [f"model.hf_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="checkpoint.resume=.*does not exist"):
+        validate(load_config([], [f"checkpoint.resume={tmp_path}/ckpt"]), check_paths=True)
+
+
+def test_heads_not_divisible_by_tp(tiny_hf_dir):
+    # tiny: 4 attention heads, 2 KV groups -> tp=4 splits heads but not the KV groups
+    with pytest.raises(ConfigError, match=r"num_query_groups \(num_key_value_heads\)=2 is not divisible by "
+                                          r"tensor_model_parallel_size \(parallel.tp\)=4"):
+        validate(load_config([], [f"model.hf_dir={tiny_hf_dir}", "parallel.tp=4"]), world_size=4)
+    validate(load_config([], [f"model.hf_dir={tiny_hf_dir}", "parallel.tp=2"]), world_size=2)
+
+
+def test_other_model_type_refused(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 8}')
+    with pytest.raises(ConfigError, match="holds a 'llama' model"):
+        validate(load_config([], [f"model.hf_dir={tmp_path}"]))
