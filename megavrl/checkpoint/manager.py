@@ -1,0 +1,219 @@
+"""Training checkpoints: atomic, resumable, pruned to the last K.
+
+Layout under the checkpoint root::
+
+    root/
+      step_00000010/
+        dist/                Megatron-Core distributed checkpoint (model, optimizer), torch_dist
+        rank_state/rank00000.pt   per-rank state: RNG streams, data position
+        megavrl_checkpoint.json   step, world layout, user metadata; written LAST
+      step_00000020/ ...
+
+A checkpoint is written into a hidden sibling (``.tmp-step_...``) by all ranks, then rank 0
+writes ``megavrl_checkpoint.json`` and renames the directory into place. A directory without that
+file is never picked by :meth:`CheckpointManager.latest`, so a run killed mid-save resumes from the
+previous complete checkpoint. Sharded model/optimizer tensors go through Megatron-Core's
+``dist_checkpointing``, which reshards on load (a checkpoint saved at one TP/PP loads at another).
+Per-rank state is read back with ``torch.load(weights_only=True)``: no arbitrary pickle.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megavrl.log import get_logger
+
+log = get_logger(__name__)
+
+MARKER = "megavrl_checkpoint.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def _dist():
+    return torch.distributed if torch.distributed.is_available() and torch.distributed.is_initialized() else None
+
+
+def _rank() -> int:
+    d = _dist()
+    return d.get_rank() if d else 0
+
+
+def _world() -> int:
+    d = _dist()
+    return d.get_world_size() if d else 1
+
+
+def _barrier() -> None:
+    d = _dist()
+    if d:
+        d.barrier()
+
+
+def _broadcast_str(value: str | None) -> str | None:
+    d = _dist()
+    if not d:
+        return value
+    box = [value]
+    d.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    step: int
+    sharded: dict
+    """The state dict returned by dist_checkpointing.load (tensors filled in)."""
+    rank_state: dict | None
+    """This rank's own state, or None when the checkpoint was saved with another world size."""
+    metadata: dict
+
+
+class CheckpointManager:
+    """Save and find checkpoints under ``root``; keeps the newest ``keep_last``."""
+
+    def __init__(self, root: str | os.PathLike, keep_last: int = 3):
+        if keep_last < 1:
+            raise ValueError(f"keep_last={keep_last} must be >= 1")
+        self.root = Path(root)
+        self.keep_last = keep_last
+
+    # ------------------------------------------------------------------ discovery
+    def complete(self) -> list[tuple[int, Path]]:
+        """(step, path) of every complete checkpoint, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for child in self.root.iterdir():
+            m = _STEP_DIR.match(child.name)
+            if m and (child / MARKER).is_file():
+                found.append((int(m.group(1)), child))
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1][1] if done else None
+
+    def resolve(self, resume: str) -> Path | None:
+        """The checkpoint to resume from for ``checkpoint.resume`` = auto | none | a path."""
+        if resume == "none":
+            return None
+        if resume == "auto":
+            return self.latest()
+        path = Path(resume)
+        if not (path / MARKER).is_file():
+            raise FileNotFoundError(f"checkpoint.resume={resume!r} is not a complete megavrl checkpoint "
+                                    f"(no {MARKER}); give a step_* directory or 'auto'")
+        return path
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, step: int, sharded_state_dict: dict, rank_state: dict | None = None,
+             metadata: dict | None = None) -> Path:
+        """Collectively write checkpoint ``step``; every rank must call it. Returns its path."""
+        from megatron.core import dist_checkpointing
+
+        final = self.root / f"step_{step:08d}"
+        tmp_name = _broadcast_str(f".tmp-step_{step:08d}-{int(time.time() * 1000)}" if _rank() == 0 else None)
+        tmp = self.root / tmp_name
+        t0 = time.perf_counter()
+        if _rank() == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            (tmp / "dist").mkdir(parents=True)
+            (tmp / "rank_state").mkdir()
+        _barrier()
+        dist_checkpointing.save(sharded_state_dict, str(tmp / "dist"))
+        if rank_state is not None:
+            torch.save(rank_state, tmp / "rank_state" / f"rank{_rank():05d}.pt")
+        _barrier()
+        if _rank() == 0:
+            meta = {"step": step, "world_size": _world(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    **(metadata or {})}
+            (tmp / MARKER).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+            if final.exists():  # a re-save of the same step (e.g. on SIGTERM right after a save)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._prune()
+            log.info("saved checkpoint %s in %.1f s", final, time.perf_counter() - t0)
+        _barrier()
+        return final
+
+    def load(self, path: str | os.PathLike, sharded_state_dict: dict) -> LoadedCheckpoint:
+        """Collectively load ``path`` into the shapes/shardings described by ``sharded_state_dict``."""
+        from megatron.core import dist_checkpointing
+
+        path = Path(path)
+        metadata = json.loads((path / MARKER).read_text())
+        state = dist_checkpointing.load(sharded_state_dict, str(path / "dist"))
+        rank_file = path / "rank_state" / f"rank{_rank():05d}.pt"
+        rank_state = None
+        if metadata.get("world_size") == _world() and rank_file.is_file():
+            rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+        elif _rank() == 0:
+            log.warning("checkpoint %s was saved with world size %s, this run has %d: RNG and data "
+                        "positions restart from the seed", path, metadata.get("world_size"), _world())
+        return LoadedCheckpoint(path=path, step=int(metadata["step"]), sharded=state,
+                                rank_state=rank_state, metadata=metadata)
+
+    def _prune(self) -> None:
+        done = self.complete()
+        for _, old in done[:-self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+            log.info("removed old checkpoint %s (keep_last=%d)", old, self.keep_last)
+        for stale in self.root.glob(".tmp-step_*"):  # left by a run killed while saving
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------- RNG state
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every random stream a training step touches, as plain tensors/ints (weights_only-safe)."""
+    import random
+
+    import numpy as np
+
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    try:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        state["megatron_tracker"] = get_cuda_rng_tracker().get_states()
+    except Exception:  # no model-parallel RNG initialised (single-process tools)
+        pass
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["internal"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if "megatron_tracker" in state:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        get_cuda_rng_tracker().set_states(state["megatron_tracker"])

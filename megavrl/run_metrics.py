@@ -1,0 +1,98 @@
+"""Where a run's numbers go: TensorBoard scalars, a JSONL file and a console line per step.
+
+Only global rank 0 writes; other ranks get a writer whose methods do nothing, so callers never
+branch on the rank. The JSONL file (``metrics.jsonl`` beside the TensorBoard events) holds the same
+scalars for scripts and benchmarks that plot curves without TensorBoard.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Mapping
+
+from megavrl.log import get_logger
+
+log = get_logger(__name__)
+
+
+def _is_rank0() -> bool:
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _scalar(value) -> float | None:
+    try:
+        value = float(value.item() if hasattr(value, "item") else value)
+    except (TypeError, ValueError):
+        return None
+    return value
+
+
+class MetricsWriter:
+    """``write(step, {"reward/mean": 0.4, ...})`` to TensorBoard, JSONL and (every N steps) the console.
+
+    console_keys: the keys shown on the console line, in order (all keys when None).
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, console_every: int = 1,
+                 console_keys: list[str] | None = None, enabled: bool | None = None):
+        self.enabled = _is_rank0() if enabled is None else enabled
+        self.log_dir = Path(log_dir)
+        self.console_every = max(1, console_every)
+        self.console_keys = console_keys
+        self._tb = None
+        self._jsonl = None
+        self._t0 = time.time()
+        if self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._tb = SummaryWriter(str(self.log_dir))
+            self._jsonl = open(self.log_dir / "metrics.jsonl", "a", buffering=1)
+
+    def write(self, step: int, metrics: Mapping[str, object], prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        clean = {}
+        for key, value in metrics.items():
+            v = _scalar(value)
+            if v is not None:
+                clean[f"{prefix}{key}"] = v
+        for key, v in clean.items():
+            self._tb.add_scalar(key, v, step)
+        self._tb.flush()
+        self._jsonl.write(json.dumps({"step": step, "time": round(time.time() - self._t0, 3), **{
+            k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}) + "\n")
+        if step % self.console_every == 0:
+            keys = self.console_keys or sorted(clean)
+            shown = " ".join(f"{k}={clean[k]:.4g}" for k in keys if k in clean)
+            log.info("step %d | %s", step, shown)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        """A text sample (e.g. one rollout per step) under TensorBoard's Text tab."""
+        if self.enabled:
+            self._tb.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._tb.close()
+            self._jsonl.close()
+            self.enabled = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_metrics_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records a MetricsWriter wrote, in order (for plots, benchmarks and tests)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,28 @@
+import math
+
+from megavrl.run_metrics import MetricsWriter, read_metrics_jsonl
+
+
+def test_writes_tensorboard_and_jsonl(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import torch
+
+    with MetricsWriter(tmp_path, enabled=True) as w:
+        w.write(1, {"reward/mean": 0.5, "loss": torch.tensor(2.0), "skip": "not a number"})
+        w.write(2, {"reward/mean": 0.75, "loss": float("nan")}, prefix="")
+    rows = read_metrics_jsonl(tmp_path / "metrics.jsonl")
+    assert rows[0]["step"] == 1 and rows[0]["reward/mean"] == 0.5 and rows[0]["loss"] == 2.0
+    assert "skip" not in rows[0] and rows[1]["loss"] == "nan"
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    events = acc.Scalars("reward/mean")
+    assert [(e.step, e.value) for e in events] == [(1, 0.5), (2, 0.75)]
+    assert math.isnan(acc.Scalars("loss")[1].value)
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+    w = MetricsWriter(tmp_path / "x", enabled=False)
+    w.write(1, {"a": 1.0})
+    w.close()
+    assert not (tmp_path / "x").exists()
