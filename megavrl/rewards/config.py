@@ -1,0 +1,53 @@
+"""The reward section of the config: one dataclass, reused by ``megavrl.config`` (one source of truth)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+ANSWER_POSITIONS = ("last", "first")
+FORMAT_MODES = ("strict", "lenient")
+TIMESTAMP_UNITS = ("seconds", "fraction")
+
+
+@dataclass
+class RewardConfig:
+    """How responses are parsed and how reward components are weighted.
+
+    Fields:
+        answer_position: which ``<answer>...</answer>`` block is scored when there are several:
+            "last" (default) or "first".
+        format_mode: "strict" = the response is exactly one ``<think>...</think>`` followed by one
+            non-empty ``<answer>...</answer>`` (whitespace allowed around them); "lenient" = a
+            non-empty answer block is present anywhere.
+        format_weight: weight of the format component (0 or 1) in every task's total.
+        iou_weight: weight of the temporal IoU (in [0, 1]) for temporal video grounding ("tvg").
+        choice_weight: weight of the multiple-choice accuracy (0 or 1) for "mcq".
+        gqa_choice_weight, gqa_iou_weight: weights of answer accuracy and IoU of the grounding span
+            for grounded VideoQA ("gqa").
+        timestamp_unit: how bare numbers in a predicted span are read: "seconds" (default) or
+            "fraction" of the video duration. Clock times ("01:05") and numbers with a unit
+            ("12.5s") are always seconds. A row may override it with its own ``timestamp_unit``.
+    """
+
+    answer_position: str = "last"
+    format_mode: str = "strict"
+    format_weight: float = 1.0
+    iou_weight: float = 1.0
+    choice_weight: float = 1.0
+    gqa_choice_weight: float = 1.0
+    gqa_iou_weight: float = 1.0
+    timestamp_unit: str = "seconds"
+
+    def __post_init__(self) -> None:
+        _check_choice("reward.answer_position", self.answer_position, ANSWER_POSITIONS)
+        _check_choice("reward.format_mode", self.format_mode, FORMAT_MODES)
+        _check_choice("reward.timestamp_unit", self.timestamp_unit, TIMESTAMP_UNITS)
+        for name in ("format_weight", "iou_weight", "choice_weight", "gqa_choice_weight", "gqa_iou_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"reward.{name}={value!r} must be a finite number")
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")

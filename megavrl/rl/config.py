@@ -1,0 +1,139 @@
+"""The algorithm and selection sections of the config: dataclasses reused by ``megavrl.config``."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+ADVANTAGE_MODES = ("grpo", "drgrpo", "rloo")
+STD_MODES = ("unbiased", "biased")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO advantage and policy-loss options (the ``algorithm`` config section).
+
+    Advantages (see ``megavrl.rl.advantages.group_advantages``):
+        advantage: "grpo" (group z-score), "drgrpo" (mean-centred, no std; Dr. GRPO) or "rloo"
+            (leave-one-out baseline).
+        adv_epsilon: added to the group std in "grpo".
+        adv_std: "unbiased" (divide by G-1, as torch.std and verl) or "biased" (divide by G).
+    Policy loss (see ``megavrl.rl.policy_loss.policy_loss``):
+        clip_low, clip_high: the ratio is clipped to [1 - clip_low, 1 + clip_high] (DAPO's
+            clip-higher when clip_high > clip_low).
+        dual_clip: for negative advantages the per-token loss is capped at ``-A * dual_clip``
+            (must be > 1); None disables it.
+        kl_coef: weight of the KL-to-reference loss term; 0 disables it.
+        kl_estimator: "k1", "k2" or "k3" (low variance); see ``kl_penalty``.
+        kl_clamp: the per-token KL estimate is clamped to [-kl_clamp, kl_clamp]; None: no clamp.
+        entropy_coef: weight of the entropy bonus (subtracted from the loss); 0 disables it.
+        loss_agg: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum" or
+            "seq-mean-token-sum-norm"; see ``aggregate_loss``.
+        tis_cap: truncated importance sampling between the rollout engine's and the trainer's
+            log-probs: each token's loss is weighted by min(exp(old - rollout), tis_cap);
+            None disables it.
+    """
+
+    advantage: str = "grpo"
+    adv_epsilon: float = 1e-6
+    adv_std: str = "unbiased"
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    dual_clip: Optional[float] = 3.0
+    kl_coef: float = 0.01
+    kl_estimator: str = "k3"
+    kl_clamp: Optional[float] = 10.0
+    entropy_coef: float = 0.0
+    loss_agg: str = "token-mean"
+    tis_cap: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _check_choice("algorithm.advantage", self.advantage, ADVANTAGE_MODES)
+        _check_choice("algorithm.adv_std", self.adv_std, STD_MODES)
+        _check_choice("algorithm.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _check_choice("algorithm.loss_agg", self.loss_agg, LOSS_AGG_MODES)
+        _check_number("algorithm.adv_epsilon", self.adv_epsilon, minimum=0.0)
+        _check_number("algorithm.clip_low", self.clip_low, minimum=0.0)
+        if self.clip_low >= 1.0:
+            raise ValueError(f"algorithm.clip_low={self.clip_low} must be < 1 "
+                             f"(the ratio's lower bound is 1 - clip_low)")
+        _check_number("algorithm.clip_high", self.clip_high, minimum=0.0)
+        if self.dual_clip is not None:
+            _check_number("algorithm.dual_clip", self.dual_clip)
+            if self.dual_clip <= 1.0:
+                raise ValueError(f"algorithm.dual_clip={self.dual_clip} must be > 1, or None to disable it")
+        _check_number("algorithm.kl_coef", self.kl_coef, minimum=0.0)
+        if self.kl_clamp is not None:
+            _check_number("algorithm.kl_clamp", self.kl_clamp, minimum=0.0)
+        _check_number("algorithm.entropy_coef", self.entropy_coef)
+        if self.tis_cap is not None:
+            _check_number("algorithm.tis_cap", self.tis_cap)
+            if self.tis_cap <= 0:
+                raise ValueError(f"algorithm.tis_cap={self.tis_cap} must be > 0, or None to disable it")
+
+    def advantage_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``group_advantages``: mode, eps, std."""
+        return {"mode": self.advantage, "eps": self.adv_epsilon, "std": self.adv_std}
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``policy_loss``: the clip, KL, entropy, aggregation and TIS options."""
+        return {"clip_low": self.clip_low, "clip_high": self.clip_high, "dual_clip": self.dual_clip,
+                "kl_coef": self.kl_coef, "kl_estimator": self.kl_estimator, "kl_clamp": self.kl_clamp,
+                "entropy_coef": self.entropy_coef, "loss_agg": self.loss_agg, "tis_cap": self.tis_cap}
+
+
+@dataclass
+class SelectionConfig:
+    """Variance-aware data selection (the ``selection`` config section).
+
+    Offline (``select_by_reward_variance``), from ``k`` rollouts per row:
+        k: rollouts per row (rows with another number are counted in the summary).
+        drop_all_same: drop rows whose k total rewards are all equal (zero variance).
+        min_variance: keep rows whose reward variance (population, over the k rollouts) is
+            >= min_variance.
+        top_fraction: then keep the ceil(top_fraction * number of scored rows) rows of highest
+            variance; None keeps all.
+        balance_tasks: split the kept rows equally between tasks (see the function).
+        seed: breaks ties between equal variances, deterministically.
+    Online (``ZeroVarianceFilter``):
+        max_refills: at most this many groups are taken from the queue to replace the
+            zero-variance groups of one batch.
+    """
+
+    k: int = 8
+    drop_all_same: bool = True
+    min_variance: float = 0.0
+    top_fraction: Optional[float] = None
+    balance_tasks: bool = False
+    seed: int = 0
+    max_refills: int = 4
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"selection.k={self.k!r} must be a positive integer (rollouts per row)")
+        _check_number("selection.min_variance", self.min_variance, minimum=0.0)
+        if self.top_fraction is not None:
+            _check_number("selection.top_fraction", self.top_fraction)
+            if not 0.0 < self.top_fraction <= 1.0:
+                raise ValueError(f"selection.top_fraction={self.top_fraction} must be in (0, 1], or None")
+        if not isinstance(self.max_refills, int) or self.max_refills < 0:
+            raise ValueError(f"selection.max_refills={self.max_refills!r} must be a non-negative integer")
+
+    def select_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``select_by_reward_variance`` (all fields but max_refills)."""
+        return {"k": self.k, "drop_all_same": self.drop_all_same, "min_variance": self.min_variance,
+                "top_fraction": self.top_fraction, "balance_tasks": self.balance_tasks, "seed": self.seed}
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _check_number(name: str, value: object, minimum: Optional[float] = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}={value!r} must be >= {minimum}")
