@@ -21,6 +21,9 @@ from typing import Any, Optional
 
 import yaml
 
+from megavrl.rewards.config import RewardConfig
+from megavrl.rl.config import GRPOConfig, SelectionConfig
+
 
 class ConfigError(ValueError):
     """A configuration that cannot work. The message names the field and the fix."""
@@ -108,9 +111,35 @@ class CheckpointConfig:
 
 
 @dataclass
+class AlgorithmConfig(GRPOConfig):
+    """The ``algorithm`` section: the GRPO loss options plus how a step uses its rollouts."""
+
+    name: str = "grpo"
+    """grpo | sft (cross-entropy on the reference answers: the paper's SFT baseline and warm start)."""
+    ppo_epochs: int = 1
+    """Passes over each step's rollouts."""
+    mini_batches: int = 1
+    """Optimizer steps per epoch (the step's sequences are split into this many mini-batches)."""
+    filter_zero_variance: bool = False
+    """Drop prompt groups whose n rewards are all equal and refill from the data queue
+    (at most selection.max_refills groups per step)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.name not in ("grpo", "sft"):
+            raise ValueError(f"algorithm.name={self.name!r} is not one of 'grpo', 'sft'")
+        for key in ("ppo_epochs", "mini_batches"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"algorithm.{key}={getattr(self, key)} must be >= 1")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -185,7 +214,10 @@ def load_config(files: str | os.PathLike | list = (), overrides: list[str] = (),
             raise ConfigError(f"{source}: config field '{_field_path(e)}' has a bad value: {_first_line(e)}") from None
         except OmegaConfBaseException as e:
             raise ConfigError(f"{source}: config field '{_field_path(e)}': {_first_line(e)}") from None
-    return OmegaConf.to_object(merged)
+    try:
+        return OmegaConf.to_object(merged)
+    except ValueError as e:  # a section's own __post_init__ check; its message names the field
+        raise ConfigError(str(e)) from None
 
 
 def to_dict(cfg) -> dict:

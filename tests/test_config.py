@@ -84,3 +84,17 @@ def test_other_model_type_refused(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 8}')
     with pytest.raises(ConfigError, match="holds a 'llama' model"):
         validate(load_config([], [f"model.hf_dir={tmp_path}"]))
+
+
+def test_subsystem_sections_validate_their_fields():
+    cfg = load_config([], ["algorithm.kl_estimator=k2", "reward.format_mode=lenient", "selection.k=4",
+                           "algorithm.name=sft"])
+    assert cfg.algorithm.kl_estimator == "k2" and cfg.algorithm.loss_kwargs()["kl_estimator"] == "k2"
+    assert cfg.reward.format_mode == "lenient" and cfg.selection.k == 4 and cfg.algorithm.name == "sft"
+    for override, match in [("algorithm.kl_estimator=k9", "algorithm.kl_estimator='k9' is not one of"),
+                            ("reward.answer_position=middle", "reward.answer_position='middle'"),
+                            ("algorithm.name=ppo", "algorithm.name='ppo'"),
+                            ("algorithm.ppo_epochs=0", "algorithm.ppo_epochs=0 must be >= 1"),
+                            ("selection.top_fraction=1.5", "selection.top_fraction=1.5 must be in")]:
+        with pytest.raises(ConfigError, match=match):
+            load_config([], [override])
