@@ -7,17 +7,40 @@ use only torchvision's pure-torch transforms) makes the import succeed.
 
 This file is copied into the virtual environment's site-packages with a ``.pth`` hook, so that it
 runs in every Python process, including the workers vLLM spawns. It is installed only when torch
-has no CUDA (see ``python -m megavrl.envsetup.install_cpu_shims``).
+has no CUDA (see ``python -m megavrl.envsetup.install_cpu_shims``). It costs nothing at start-up:
+it only registers an import hook, and defines the schemas (importing torch) the first time
+something imports ``torchvision``.
 """
-try:
+import sys
+
+
+def _define_torchvision_schemas() -> None:
     import torch
 
-    if not torch.cuda.is_available():
-        _lib = torch.library.Library("torchvision", "DEF")  # noqa: kept alive for the process
-        for _op in ("nms", "qnms"):
+    if torch.cuda.is_available():
+        return
+    lib = torch.library.Library("torchvision", "DEF")
+    _define_torchvision_schemas.lib = lib  # keep the library alive for the process
+    for op in ("nms", "qnms"):
+        try:
+            lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        except RuntimeError:
+            pass  # already defined (a real torchvision build loaded its ops)
+
+
+class _TorchvisionHook:
+    """A meta-path finder that acts once, just before torchvision is first imported."""
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name == "torchvision":
+            sys.meta_path.remove(cls)
             try:
-                _lib.define(f"{_op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            except RuntimeError:
-                pass  # already defined (a real torchvision build loaded its ops)
-except Exception:  # never break interpreter start-up
-    pass
+                _define_torchvision_schemas()
+            except Exception:  # never turn a shim failure into an import failure of its own
+                pass
+        return None  # let the regular finders import the module
+
+
+if _TorchvisionHook not in sys.meta_path and "torchvision" not in sys.modules:
+    sys.meta_path.insert(0, _TorchvisionHook)

@@ -1,0 +1,130 @@
+"""Writing evaluation results: predictions (JSONL), metrics (JSON) and a Markdown table.
+
+Files are written atomically (a temporary file in the same directory, then ``os.replace``), so
+an interrupted run never leaves a half-written report behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Union
+
+from megavrl.eval.metrics import PRIMARY_METRIC, TASK_METRICS, TASK_TITLES
+from megavrl.log import get_logger
+
+logger = get_logger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+PREDICTIONS_FILE = "predictions.jsonl"
+METRICS_FILE = "metrics.json"
+MARKDOWN_FILE = "metrics.md"
+
+
+def _write_atomic(path: PathLike, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_predictions_jsonl(path: PathLike, records: Iterable[Mapping[str, Any]]) -> Path:
+    """One JSON object per line (UTF-8, spans as lists); returns the path."""
+    lines = [json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n" for record in records]
+    return _write_atomic(path, "".join(lines))
+
+
+def read_predictions_jsonl(path: PathLike) -> list[dict[str, Any]]:
+    """The records of a predictions file; a malformed line is reported and skipped, with a count."""
+    records, bad = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                bad.append(number)
+    if bad:
+        logger.warning("%s: %d malformed line(s) skipped (not a JSON object): lines %s",
+                       path, len(bad), ", ".join(map(str, bad[:20])) + (" ..." if len(bad) > 20 else ""))
+    return records
+
+
+def write_metrics_json(path: PathLike, metrics: Mapping[str, Any]) -> Path:
+    """The metrics dict as indented JSON (``None`` as ``null``; NaN is refused); returns the path."""
+    return _write_atomic(path, json.dumps(metrics, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def _cell(value: Any, digits: int) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value).replace("|", "\\|")
+
+
+def metrics_markdown(metrics: Mapping[str, Any], digits: int = 2, title: str = "Evaluation") -> str:
+    """A Markdown report: a summary table (one row per benchmark), then one table per task.
+
+    Percentages are shown with ``digits`` decimals; a metric of an empty benchmark shows "n/a".
+    """
+    benchmarks: Mapping[str, Mapping[str, Any]] = metrics.get("benchmarks", {})
+    overall: Mapping[str, Any] = metrics.get("overall", {})
+    lines = [f"## {title}", "",
+             "| benchmark | task | n | parse failures | invalid | primary metric | value |",
+             "| --- | --- | ---: | ---: | ---: | --- | ---: |"]
+    for name, entry in benchmarks.items():
+        primary = entry.get("primary_metric")
+        lines.append("| " + " | ".join(_cell(v, digits) for v in (
+            name, entry.get("task"), entry.get("n"), entry.get("n_parse_failures"), entry.get("n_invalid"),
+            primary, entry.get(primary) if primary else None)) + " |")
+    lines += ["", f"Overall (unweighted mean of the primary metrics of {overall.get('n_benchmarks', 0)} "
+              f"non-empty benchmarks): **{_cell(overall.get('mean_primary'), digits)}**"]
+    for task, names in TASK_METRICS.items():
+        rows = [(name, entry) for name, entry in benchmarks.items() if entry.get("task") == task]
+        if not rows:
+            continue
+        columns = ("n",) + names + ("format_rate",)
+        lines += ["", f"### {TASK_TITLES[task]} ({task}; primary: {PRIMARY_METRIC[task]})", "",
+                  "| benchmark | " + " | ".join(columns) + " |",
+                  "| --- | " + " | ".join("---:" for _ in columns) + " |"]
+        for name, entry in rows:
+            lines.append("| " + " | ".join([_cell(name, digits)] + [_cell(entry.get(c), digits) for c in columns]) + " |")
+    lines.append("")
+    lines.append("All values are percentages; parse failures count as 0 (IoU 0, wrong answer); invalid rows "
+                 "(unusable ground truth) are left out.")
+    return "\n".join(lines) + "\n"
+
+
+def write_metrics_markdown(path: PathLike, metrics: Mapping[str, Any], digits: int = 2) -> Path:
+    """``metrics_markdown`` written to ``path``; returns the path."""
+    return _write_atomic(path, metrics_markdown(metrics, digits))
+
+
+def write_report(out_dir: PathLike, scored: Iterable[Mapping[str, Any]], metrics: Mapping[str, Any],
+                 prefix: Optional[str] = None) -> dict[str, Path]:
+    """Write predictions.jsonl, metrics.json and metrics.md into ``out_dir`` (optionally prefixed,
+    e.g. ``step_100_``); returns {"predictions", "metrics", "markdown"} -> path."""
+    out = Path(out_dir)
+    head = prefix or ""
+    return {
+        "predictions": write_predictions_jsonl(out / f"{head}{PREDICTIONS_FILE}", scored),
+        "metrics": write_metrics_json(out / f"{head}{METRICS_FILE}", metrics),
+        "markdown": write_metrics_markdown(out / f"{head}{MARKDOWN_FILE}", metrics),
+    }
