@@ -18,7 +18,9 @@ Each redirection, and why it is needed (measured with megatron-core 0.16.1, torc
 3. Tensor factories (``torch.zeros``, ``ones``, ``empty``, ``full``, ``arange``, ``tensor``,
    ``rand``, ``randn``, ``randint``, ``eye``) map ``device="cuda"`` (or a CUDA ``torch.device``)
    to the CPU: the pipeline schedules allocate ``torch.zeros([], device="cuda")`` and
-   transformer/utils.py builds the default causal mask with ``device="cuda"``.
+   transformer/utils.py builds the default causal mask with ``device="cuda"``. The wrappers call
+   the original functions, so ``with torch.device("meta")`` still applies to them (the cache of
+   original constructors that this context uses is filled before the wrappers are installed).
 4. CUDA RNG state get/set/seed (``torch.cuda.get_rng_state``, ``set_rng_state``,
    ``manual_seed``, ``manual_seed_all``, the same in ``torch.cuda.random``, and Megatron's own
    ``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state``) act on the CPU
@@ -127,7 +129,13 @@ def enable_cpu_mode() -> None:
     # 2. .cuda() on tensors and modules
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     torch.nn.Module.cuda = lambda self, *args, **kwargs: self
-    # 3. factories with device="cuda"
+    # 3. factories with device="cuda". torch's `with torch.device(...)` context recognises factory
+    # calls by identity against a cached set of the original functions: build that cache now,
+    # before the wrappers replace the module attributes (else meta-device model construction,
+    # as transformers' from_pretrained does, silently stops working).
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
     for name in _FACTORIES:
         fn = getattr(torch, name)
         if not getattr(fn, "__megavrl_cpu_mode__", False):

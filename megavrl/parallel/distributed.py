@@ -92,7 +92,8 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | 
     timeout_s: collective timeout in seconds.
 
     Calling it again with the same sizes is a no-op; with different sizes it rebuilds the
-    Megatron groups on the existing process group.
+    Megatron groups on the existing process group. (After :func:`destroy_distributed` a torchrun
+    job cannot initialise again: the launcher's rendezvous store is gone.)
     """
     import torch
     import torch.distributed as dist

@@ -71,10 +71,20 @@ def case_pp2() -> None:
 
 
 def case_single() -> None:
-    from megavrl.parallel import destroy_distributed, init_distributed
+    import torch
+
+    from megavrl.parallel import destroy_distributed, enable_cpu_mode, init_distributed
 
     layout = init_distributed()
     assert (layout.world_size, layout.tp, layout.pp, layout.dp) == (1, 1, 1, 1), layout
+    enable_cpu_mode()  # idempotent
+    # CPU mode: "cuda" factories land on the CPU, and meta-device construction (transformers'
+    # from_pretrained relies on it) still works through the wrapped factories.
+    assert torch.zeros(2, device="cuda").device.type == "cpu"
+    assert torch.arange(3, device=torch.device("cuda", 0)).device.type == "cpu"
+    with torch.device("meta"):
+        assert torch.zeros(2).is_meta and torch.arange(4).is_meta and torch.empty(1).is_meta
+    assert torch.cuda.current_device() == torch.device("cpu")
     destroy_distributed()
     destroy_distributed()  # safe twice
     print("OK single", flush=True)

@@ -1,0 +1,231 @@
+"""HF Qwen2.5-VL config -> the Megatron-Core configs of the language model and the vision tower.
+
+Every size is read from the HF config (``config.json`` through ``AutoConfig``; both the nested
+``text_config`` form that transformers 5 writes and the flat form of Qwen's published checkpoints,
+with ``rope_scaling.mrope_section``), never written down per model size.
+
+    cfg = build_configs("/path/to/Qwen2.5-VL-7B-Instruct", tp=2, pp=1)
+    cfg.language            # megatron TransformerConfig of the text decoder
+    cfg.vision              # megatron TransformerConfig of the vision blocks (vision.py builds it)
+    cfg.vision_sizes        # VisionSizes: depth, hidden, heads, patch/merge sizes, windows ...
+    cfg.padded_vocab_size   # vocab padded to a multiple of 128 * TP, as Megatron pads it
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from megavrl.checkpoint.mapping import AttentionGeometry, MappingContext
+
+SUPPORTED_MODEL_TYPE = "qwen2_5_vl"
+VOCAB_DIVISIBLE_BY = 128  # Megatron's --make-vocab-size-divisible-by default, multiplied by TP
+
+
+def load_hf_config(source: Any):
+    """A ``Qwen2_5_VLConfig`` from a HF directory, a config dict, or a config object.
+
+    Refuses any other ``model_type`` with a message naming it.
+    """
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(source, (str, os.PathLike)):
+        model_type = _peek_model_type(source)
+        if model_type is not None and model_type != SUPPORTED_MODEL_TYPE:
+            raise ValueError(f"{source}: config.json has model_type={model_type!r}; megavrl supports "
+                             f"{SUPPORTED_MODEL_TYPE!r} (Qwen2.5-VL) only")
+        cfg = AutoConfig.from_pretrained(source)
+    elif isinstance(source, dict):
+        from transformers import Qwen2_5_VLConfig
+
+        if source.get("model_type", SUPPORTED_MODEL_TYPE) != SUPPORTED_MODEL_TYPE:
+            raise ValueError(f"HF config has model_type={source['model_type']!r}; megavrl supports "
+                             f"{SUPPORTED_MODEL_TYPE!r} (Qwen2.5-VL) only")
+        cfg = Qwen2_5_VLConfig(**{k: v for k, v in source.items() if k != "model_type"})
+    elif isinstance(source, PretrainedConfig):
+        cfg = source
+    else:
+        raise TypeError(f"expected a HF directory, a config dict or a PretrainedConfig, not {type(source).__name__}")
+    if getattr(cfg, "model_type", None) != SUPPORTED_MODEL_TYPE:
+        raise ValueError(f"HF config has model_type={getattr(cfg, 'model_type', None)!r}; megavrl supports "
+                         f"{SUPPORTED_MODEL_TYPE!r} (Qwen2.5-VL) only")
+    return cfg
+
+
+def _peek_model_type(directory) -> str | None:
+    import json
+    from pathlib import Path
+
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("model_type")
+
+
+@dataclass(frozen=True)
+class TextSizes:
+    """Sizes of the text decoder, read from the HF config. Field names follow Megatron's."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    ffn_hidden_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: tuple[int, ...]
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    initializer_range: float
+    hidden_act: str
+
+    @classmethod
+    def from_hf(cls, hf_config) -> "TextSizes":
+        text = getattr(hf_config, "text_config", None) or hf_config
+        rope = dict(getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
+                    or getattr(hf_config, "rope_scaling", None) or {})
+        if "mrope_section" not in rope:
+            raise ValueError("HF config has no mrope_section (looked in text_config.rope_parameters and "
+                             "rope_scaling): not a Qwen2.5-VL config")
+        theta = rope.get("rope_theta", getattr(text, "rope_theta", None))
+        if theta is None:
+            raise ValueError("HF config has no rope_theta")
+        heads = int(text.num_attention_heads)
+        head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+        mrope = tuple(int(x) for x in rope["mrope_section"])
+        if 2 * sum(mrope) != head_dim:
+            raise ValueError(f"mrope_section {list(mrope)} must sum to head_dim / 2 = {head_dim // 2}")
+        return cls(
+            num_layers=int(text.num_hidden_layers), hidden_size=int(text.hidden_size),
+            num_attention_heads=heads, num_query_groups=int(getattr(text, "num_key_value_heads", None) or heads),
+            kv_channels=head_dim, ffn_hidden_size=int(text.intermediate_size), vocab_size=int(text.vocab_size),
+            rms_norm_eps=float(text.rms_norm_eps), rope_theta=float(theta), mrope_section=mrope,
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            max_position_embeddings=int(getattr(text, "max_position_embeddings", 32768)),
+            initializer_range=float(getattr(text, "initializer_range", 0.02)),
+            hidden_act=str(getattr(text, "hidden_act", "silu")))
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = VOCAB_DIVISIBLE_BY) -> int:
+    """Round up to a multiple of ``divisible_by * tp``, as Megatron pads its vocabulary."""
+    multiple = divisible_by * tp
+    return (vocab_size + multiple - 1) // multiple * multiple
+
+
+def check_tp_pp(text: TextSizes, tp: int, pp: int) -> None:
+    """Refuse layouts the text decoder cannot be split into, naming the size that does not fit."""
+    for what, n in (("num_attention_heads", text.num_attention_heads),
+                    ("num_query_groups", text.num_query_groups),
+                    ("ffn_hidden_size", text.ffn_hidden_size)):
+        if n % tp:
+            raise ValueError(f"{what}={n} is not divisible by tensor_model_parallel_size={tp}: choose a TP "
+                             f"size that divides it")
+    if text.num_layers % pp:
+        raise ValueError(f"num_layers={text.num_layers} is not divisible by pipeline_model_parallel_size={pp}: "
+                         f"choose a PP size that divides it")
+
+
+def language_transformer_config(text: TextSizes, *, tp: int = 1, pp: int = 1,
+                                params_dtype: torch.dtype = torch.float32, fused_kernels: bool | None = None,
+                                **overrides) -> "TransformerConfig":  # noqa: F821
+    """The Megatron ``TransformerConfig`` of the text decoder.
+
+    fused_kernels: bias+SwiGLU and bias+dropout+add fusions; default on with CUDA, off on the CPU
+        (they do not run there). Masked-softmax, RoPE, gradient-accumulation fusions and persistent
+        layer norm stay off (they need Apex / compiled extensions; RoPE fusion has no M-RoPE path).
+    overrides: any other TransformerConfig field (recompute_granularity, sequence_parallel, ...).
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    check_tp_pp(text, tp, pp)
+    if text.hidden_act not in ("silu", "swish"):
+        raise ValueError(f"text hidden_act={text.hidden_act!r} is not supported (Qwen2.5-VL uses silu)")
+    if fused_kernels is None:
+        fused_kernels = torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=text.num_layers, hidden_size=text.hidden_size, num_attention_heads=text.num_attention_heads,
+        num_query_groups=text.num_query_groups, kv_channels=text.kv_channels, ffn_hidden_size=text.ffn_hidden_size,
+        normalization="RMSNorm", layernorm_epsilon=text.rms_norm_eps,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=True,
+        mrope_section=list(text.mrope_section), rotary_interleaved=False,
+        hidden_dropout=0.0, attention_dropout=0.0, init_method_std=text.initializer_range,
+        apply_query_key_layer_scaling=False, attention_softmax_in_fp32=True,
+        bias_activation_fusion=fused_kernels, bias_dropout_fusion=fused_kernels, masked_softmax_fusion=False,
+        apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=False,
+        params_dtype=params_dtype, pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+@dataclass(frozen=True)
+class Qwen2_5_VLConfigs:
+    """Everything needed to build the Megatron Qwen2.5-VL at one (TP, PP) layout."""
+
+    hf_config: Any = field(repr=False)
+    text: TextSizes
+    vision_sizes: Any  # megavrl.models.qwen2_5_vl.vision.VisionSizes
+    language: Any  # TransformerConfig
+    vision: Any  # TransformerConfig
+    tp: int
+    pp: int
+    padded_vocab_size: int
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text.vocab_size
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.hf_config.image_token_id)
+
+    @property
+    def video_token_id(self) -> int:
+        return int(self.hf_config.video_token_id)
+
+    def rope_index_kwargs(self) -> dict:
+        from megavrl.models.qwen2_5_vl.rope_index import rope_index_kwargs
+
+        return rope_index_kwargs(self.hf_config)
+
+    def mapping_context(self) -> MappingContext:
+        v = self.vision_sizes
+        return MappingContext(
+            tp_size=self.tp, vocab_size=self.text.vocab_size, padded_vocab_size=self.padded_vocab_size,
+            language=AttentionGeometry(self.text.num_attention_heads, self.text.num_query_groups,
+                                       self.text.kv_channels),
+            vision=AttentionGeometry(v.num_heads, v.num_heads, v.head_dim),
+            tie_word_embeddings=self.text.tie_word_embeddings)
+
+
+def build_configs(hf: Any, tp: int = 1, pp: int = 1, params_dtype: torch.dtype = torch.float32,
+                  fused_kernels: bool | None = None, language_overrides: dict | None = None,
+                  vision_overrides: dict | None = None) -> Qwen2_5_VLConfigs:
+    """Read the HF config (directory, dict or config object) and derive both Megatron configs.
+
+    Raises ValueError for another model type or a TP/PP that does not divide the sizes.
+    """
+    from megavrl.models.qwen2_5_vl.vision import VisionSizes, vision_transformer_config
+
+    hf_config = load_hf_config(hf)
+    text = TextSizes.from_hf(hf_config)
+    language = language_transformer_config(text, tp=tp, pp=pp, params_dtype=params_dtype,
+                                           fused_kernels=fused_kernels, **(language_overrides or {}))
+    vision_sizes = VisionSizes.from_hf(hf_config.vision_config)
+    if vision_sizes.out_hidden_size != text.hidden_size:
+        raise ValueError(f"vision out_hidden_size={vision_sizes.out_hidden_size} differs from the text "
+                         f"hidden_size={text.hidden_size}")
+    vision_overrides = dict(vision_overrides or {})
+    vision_overrides.setdefault("use_cpu_initialization", not torch.cuda.is_available())
+    vision = vision_transformer_config(hf_config.vision_config, tensor_model_parallel_size=tp,
+                                       params_dtype=params_dtype, fused_kernels=fused_kernels, **vision_overrides)
+    return Qwen2_5_VLConfigs(hf_config=hf_config, text=text, vision_sizes=vision_sizes, language=language,
+                             vision=vision, tp=tp, pp=pp, padded_vocab_size=padded_vocab_size(text.vocab_size, tp))

@@ -1,0 +1,126 @@
+"""The Qwen2.5-VL text decoder as a Megatron-Core ``GPTModel``: M-RoPE, GQA, QKV bias, RMSNorm,
+SwiGLU, tied or untied output layer, vocabulary padded for TP.
+
+Layer spec: Megatron's local modules on the CPU, Transformer Engine's on a GPU where TE imports.
+Both use separate norm modules (``input_layernorm``, ``pre_mlp_layernorm``) instead of TE's
+norm-fused linears, so the parameter names, and so the one mapping table in
+:mod:`megavrl.checkpoint.mapping`, are the same on both.
+
+Attention masks are explicit, Megatron's convention, True = masked out. Local spec: the full
+bool [B, 1, S, S] of :func:`causal_padding_mask` (causal and padded keys). Transformer Engine
+spec: mask type ``padding_causal`` and the [B, 1, 1, S] key-padding mask of
+:func:`padding_mask` (TE applies causality itself). The TE path has not run yet (no GPU with TE
+was available when it was written): check it with ``megavrl check-parity`` on the first GPU.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megavrl.models.qwen2_5_vl.config import Qwen2_5_VLConfigs
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA build
+        return False
+    return torch.cuda.is_available()
+
+
+def language_layer_spec(use_te: bool | None = None) -> ModuleSpec:
+    """One decoder layer: pre-norm causal self-attention (GQA, QKV bias) and a gated MLP.
+
+    use_te: Transformer Engine modules; default when TE imports and CUDA is available.
+    """
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    if use_te is None:
+        use_te = transformer_engine_available()
+    if use_te:
+        from megatron.core.extensions.transformer_engine import (TEColumnParallelLinear, TEDotProductAttention,
+                                                                 TENorm, TERowParallelLinear)
+        norm, column, row, core = TENorm, TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
+    else:
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        norm, column, row, core = WrappedTorchNorm, ColumnParallelLinear, RowParallelLinear, DotProductAttention
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.padding_causal if use_te else AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(linear_qkv=column, core_attention=core, linear_proj=row,
+                                                   q_layernorm=IdentityOp, k_layernorm=IdentityOp),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def build_language_model(configs: Qwen2_5_VLConfigs, pre_process: bool, post_process: bool,
+                         parallel_output: bool = True, spec: ModuleSpec | None = None) -> GPTModel:
+    """The text decoder of this pipeline stage (``pre_process``: holds the embedding;
+    ``post_process``: holds the final norm and the output layer).
+
+    parallel_output: logits stay split over the vocabulary across TP ranks (what
+    :mod:`megavrl.rl.logprobs` consumes); False gathers the full (padded) vocabulary.
+    """
+    text = configs.text
+    return GPTModel(
+        config=configs.language,
+        transformer_layer_spec=spec if spec is not None else language_layer_spec(),
+        vocab_size=configs.padded_vocab_size,
+        max_sequence_length=text.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=parallel_output,
+        share_embeddings_and_output_weights=text.tie_word_embeddings,
+        position_embedding_type="mrope",
+        rotary_base=text.rope_theta,
+    )
+
+
+def causal_padding_mask(attention_mask: torch.Tensor | None, seq_len: int | None = None,
+                        batch: int | None = None, device=None) -> torch.Tensor:
+    """Megatron's attention mask, bool [B, 1, S, S], True = masked: a query never sees later
+    keys nor padded keys (``attention_mask`` [B, S], 1 = real token; None = no padding).
+
+    Padded query rows see nothing; their outputs are meaningless and must be ignored.
+    """
+    if attention_mask is None:
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)
+        return causal.view(1, 1, seq_len, seq_len).expand(batch, 1, seq_len, seq_len)
+    b, s = attention_mask.shape
+    causal = torch.ones(s, s, dtype=torch.bool, device=attention_mask.device).triu(1)
+    padded_key = ~attention_mask.bool()
+    return causal.view(1, 1, s, s) | padded_key.view(b, 1, 1, s)
+
+
+def padding_mask(attention_mask: torch.Tensor | None, seq_len: int, batch: int, device=None) -> torch.Tensor:
+    """Transformer Engine's key-padding mask, bool [B, 1, 1, S], True = padded."""
+    if attention_mask is None:
+        return torch.zeros(batch, 1, 1, seq_len, dtype=torch.bool, device=device)
+    return ~attention_mask.bool().view(attention_mask.shape[0], 1, 1, attention_mask.shape[1])
+
+
+def uses_transformer_engine(gpt_model) -> bool:
+    """Whether a built GPTModel's attention is Transformer Engine's (it takes a padding mask)."""
+    layers = gpt_model.decoder.layers
+    if not len(layers):
+        return False
+    core = type(layers[0].self_attention.core_attention)
+    return core.__module__.startswith("megatron.core.extensions.transformer_engine")

@@ -1,0 +1,48 @@
+"""CLI: ``megavrl check-parity --hf-dir D --tp T --pp P [--video V]``.
+
+Typed in a shell it re-launches itself under torchrun with T * P processes
+(:func:`megavrl.parallel.ensure_launched`); under torchrun each process is one rank of the check
+(:func:`megavrl.models.qwen2_5_vl.parity.run_worker`). Rank 0 prints one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from megavrl.models.qwen2_5_vl.parity import KINDS
+
+    p = sub.add_parser(
+        "check-parity",
+        help="compare the Megatron model's logits with transformers' (prints one JSON line)",
+        description="Load a Hugging Face Qwen2.5-VL directory in transformers and in Megatron-Core at the "
+                    "given TP/PP layout, run the same text-only, image, video and mixed prompts (batch 2, "
+                    "left-padded, built by the directory's processor) through both, and print one JSON line: "
+                    "max_abs_logit_diff, mean_abs_logit_diff, argmax_agreement, vision_max_abs_diff (and "
+                    "the same per input kind). Launches tp*pp processes itself when run outside torchrun.",
+    )
+    p.add_argument("--hf-dir", required=True, help="Hugging Face model directory (config, safetensors, processor)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    p.add_argument("--video", default=None,
+                   help="a video file whose frames (decoded with decord) feed the video prompts; "
+                        "default: synthetic frames")
+    p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated input kinds (default {','.join(KINDS)})")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="exit with status 1 if max_abs_logit_diff exceeds this or any argmax disagrees")
+    p.set_defaults(func=_check_parity)
+
+
+def _check_parity(args: argparse.Namespace) -> int:
+    from megavrl.parallel import ensure_launched
+
+    code = ensure_launched(args.tp * args.pp)
+    if code is not None:
+        return code
+    from megavrl.models.qwen2_5_vl.parity import KINDS, run_worker
+
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        raise SystemExit(f"--kinds: unknown {unknown}; choose from {list(KINDS)}")
+    return run_worker(args.hf_dir, args.tp, args.pp, args.video, kinds, args.tolerance)
