@@ -1,0 +1,96 @@
+"""``megavrl data synth`` and ``megavrl data inspect``."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import numpy as np
+import pytest
+
+from megavrl.cli import main
+from megavrl.data.synth import COLORS
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.name != "data.yaml":  # data.yaml names the output directory
+            h.update(path.relative_to(root).as_posix().encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_synth_cli_is_deterministic_and_fast(tmp_path, capsys):
+    started = time.process_time()
+    assert main(["data", "synth", "--out", str(tmp_path / "a"), "--n", "32", "--seed", "5"]) == 0
+    cpu = time.process_time() - started
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary == {"out": str(tmp_path / "a"), "train": 28 * 3, "val": 4 * 3, "videos": 32}
+    assert len(list((tmp_path / "a" / "videos").glob("*.mp4"))) == 32
+    assert cpu < 20, f"32 synthetic videos took {cpu:.1f} s of CPU"
+    args = ["data", "synth", "--n", "3", "--seed", "5", "--tasks", "tvg,gqa", "--difficulty", "hard",
+            "--fps", "6", "--seconds", "3", "--size", "96x64"]
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    assert main(args + ["--out", str(tmp_path / "c")]) == 0
+    assert _digest(tmp_path / "b") == _digest(tmp_path / "c")
+    assert main(args[:5] + ["6"] + args[6:] + ["--out", str(tmp_path / "d")]) == 0
+    assert _digest(tmp_path / "d") != _digest(tmp_path / "b")
+    rows = [json.loads(x) for x in (tmp_path / "b" / "train.jsonl").read_text().splitlines()]
+    assert {r["task"] for r in rows} == {"tvg", "gqa"}
+
+
+def test_synth_bad_arguments(tmp_path, capsys):
+    assert main(["data", "synth", "--out", str(tmp_path), "--tasks", "tvg,caption"]) == 2
+    assert "caption" in capsys.readouterr().err
+    assert main(["data", "synth", "--out", str(tmp_path), "--size", "161x120"]) == 2
+
+
+def _has_colour(frame: np.ndarray, colour: str) -> bool:
+    target = np.array(COLORS[colour], dtype=np.int16)
+    close = np.abs(frame.astype(np.int16) - target).max(axis=-1) < 40
+    return int(close.sum()) >= 20
+
+
+def test_events_happen_when_the_rows_say(synth_dir):
+    import decord
+
+    rows = [json.loads(x) for x in (synth_dir / "train.jsonl").read_text().splitlines()]
+    for row in rows:
+        vr = decord.VideoReader(str(synth_dir / row["video"]))
+        fps = vr.get_avg_fps()
+        frames = vr.get_batch(list(range(len(vr)))).asnumpy()
+        assert len(vr) / fps == pytest.approx(row["duration"])
+        if row["task"] == "tvg":
+            colour = row["question"].split()[1]
+        elif row["task"] == "mcq":
+            colour = row["options"]["ABCD".index(row["answer"])]
+            mover = row["meta"]["events"][0]
+            assert mover["color"] == colour and row["question"].endswith(f"moved {mover['direction']}?")
+            continue
+        else:
+            mover = row["meta"]["events"][0]
+            assert row["options"]["ABCD".index(row["answer"])] == mover["shape"]
+            assert row["timestamps"] == [mover["start"], mover["end"]]
+            colour = mover["color"]
+        start, end = row["timestamps"]
+        inside = [i for i in range(len(vr)) if start * fps <= i < end * fps]
+        outside = [i for i in range(len(vr)) if i < start * fps - 1 or i > end * fps]
+        assert inside and all(_has_colour(frames[i], colour) for i in inside), row["id"]
+        assert not any(_has_colour(frames[i], colour) for i in outside), row["id"]
+
+
+def test_inspect_prints_the_plan(videos, capsys):
+    from megavrl.data.video import VideoSampler
+
+    path = videos["ntsc_322x182"]
+    assert main(["data", "inspect", "--video", path, "--json", "--fps", "3", "--max-pixels", str(200 * 784)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    sampled = VideoSampler(fps=3, max_pixels=200 * 784)(path)
+    assert info["frame_indices"] == sampled.frame_indices
+    assert (info["resized_height"], info["resized_width"]) == tuple(sampled.frames.shape[-2:])
+    assert info["grid_thw"] == [sampled.frames.shape[0] // 2, sampled.frames.shape[2] // 14, sampled.frames.shape[3] // 14]
+    assert info["timestamps"] == pytest.approx(sampled.timestamps, abs=1e-5)
+    assert main(["data", "inspect", "--video", path]) == 0
+    assert "frame indices:" in capsys.readouterr().out
+    assert main(["data", "inspect", "--video", path + ".missing"]) == 1
