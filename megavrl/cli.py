@@ -14,6 +14,12 @@ import sys
 # A subcommand appears here when it works end to end.
 COMMAND_MODULES = [
     "megavrl.models.qwen2_5_vl.commands",
+    "megavrl.models.qwen2_5_vl.parity_command",
+    "megavrl.data.commands",
+    "megavrl.checkpoint.commands",
+    "megavrl.rl.commands",
+    "megavrl.eval.commands",
+    "megavrl.rollout.check_sync",
 ]
 
 
@@ -32,8 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    from megavrl.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:  # a configuration that cannot work: one line, no traceback
+        print(f"megavrl {args.command}: configuration error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

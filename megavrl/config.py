@@ -21,7 +21,9 @@ from typing import Any, Optional
 
 import yaml
 
+from megavrl.data.config import DataConfig
 from megavrl.rewards.config import RewardConfig
+from megavrl.rollout.engine import RolloutConfig
 from megavrl.rl.config import GRPOConfig, SelectionConfig
 
 
@@ -111,6 +113,20 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation on ``data.val`` (``megavrl eval`` and periodic evaluation during training)."""
+
+    temperature: float = 0.0
+    """0: greedy decoding."""
+    max_new_tokens: Optional[int] = None
+    """Default: rollout.max_new_tokens."""
+    max_samples: Optional[int] = None
+    """Evaluate only the first N validation rows (None: all)."""
+    output_dir: Optional[str] = None
+    """Where predictions.jsonl, metrics.json and metrics.md go (default: <trainer.output_dir>/eval)."""
+
+
+@dataclass
 class AlgorithmConfig(GRPOConfig):
     """The ``algorithm`` section: the GRPO loss options plus how a step uses its rollouts."""
 
@@ -137,6 +153,8 @@ class AlgorithmConfig(GRPOConfig):
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
@@ -144,6 +162,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ------------------------------------------------------------------------------------ loading

@@ -116,8 +116,12 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save / load
     def save(self, step: int, sharded_state_dict: dict, rank_state: dict | None = None,
-             metadata: dict | None = None) -> Path:
-        """Collectively write checkpoint ``step``; every rank must call it. Returns its path."""
+             metadata: dict | None = None, hf_files_from: str | os.PathLike | None = None) -> Path:
+        """Collectively write checkpoint ``step``; every rank must call it. Returns its path.
+
+        hf_files_from: an HF directory whose non-weight files (config, tokenizer, processor, chat
+        template) are copied into ``hf/``, so the checkpoint converts to HF on its own.
+        """
         from megatron.core import dist_checkpointing
 
         final = self.root / f"step_{step:08d}"
@@ -128,6 +132,8 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             (tmp / "dist").mkdir(parents=True)
             (tmp / "rank_state").mkdir()
+            if hf_files_from is not None:
+                copy_hf_side_files(hf_files_from, tmp / "hf")
         _barrier()
         dist_checkpointing.save(sharded_state_dict, str(tmp / "dist"))
         if rank_state is not None:
@@ -170,6 +176,21 @@ class CheckpointManager:
         for stale in self.root.glob(".tmp-step_*"):  # left by a run killed while saving
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
+
+
+def copy_hf_side_files(hf_dir: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
+    """Copy everything of an HF directory but the weights (config, tokenizer, processor files)."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for f in sorted(Path(hf_dir).iterdir()):
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(f, dest / f.name)
+            copied.append(f.name)
+    return copied
 
 
 # --------------------------------------------------------------------------------- RNG state

@@ -94,13 +94,20 @@ class Qwen2_5_VLModel(MegatronModule):
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
-              video_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
-        """First stage: text embeddings with the vision embeddings spliced in. [S, B, H]."""
+              video_grid_thw: torch.Tensor | None = None, vision_token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """First stage: text embeddings with the vision embeddings spliced in. [S, B, H].
+
+        vision_token_mask: [B, S] bool, True where a placeholder token is a real image/video slot
+            (the prompt). Placeholder ids a model *generated* in its response are ordinary tokens,
+            embedded as text, exactly as the rollout engine treats them. None: every placeholder.
+        """
         emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H]
         visual = []
         for pixels, grid, token in ((pixel_values, image_grid_thw, self.image_token_id),
                                     (pixel_values_videos, video_grid_thw, self.video_token_id)):
             mask = input_ids == token
+            if vision_token_mask is not None:
+                mask = mask & vision_token_mask.bool()
             n_tokens = int(mask.sum())
             if pixels is None:
                 if n_tokens:
@@ -124,7 +131,8 @@ class Qwen2_5_VLModel(MegatronModule):
                 position_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
                 video_grid_thw: torch.Tensor | None = None, second_per_grid_ts: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, runtime_gather_output: bool | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None, runtime_gather_output: bool | None = None,
+                vision_token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, S]; attention_mask [B, S] (1 = real token, HF convention) or a ready
         Megatron mask (True = masked: [B, 1, S, S] local spec, [B, 1, 1, S] padding for TE),
         None for no padding; position_ids [3, B, S]
@@ -133,7 +141,9 @@ class Qwen2_5_VLModel(MegatronModule):
 
         Returns on the last stage logits [B, S, padded_vocab / TP] (or the full padded vocabulary
         with runtime_gather_output=True), or per-token losses [B, S] when labels are given; on
-        other stages the hidden states [S, B, H] for the next stage.
+        other stages the hidden states [S, B, H] for the next stage. vision_token_mask: see
+        :meth:`embed` (RL sequences pass it with explicit position_ids, because sampled responses
+        may contain placeholder ids that are not vision slots).
         """
         batch, seq = input_ids.shape
         hf_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
@@ -144,14 +154,15 @@ class Qwen2_5_VLModel(MegatronModule):
             attention_mask = make_mask(hf_mask, seq, batch, device=input_ids.device)
         decoder_input = None
         if self.pre_process:
-            decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+            decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                                       vision_token_mask)
         return self.language_model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                    decoder_input=decoder_input, labels=labels,
                                    runtime_gather_output=runtime_gather_output)
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw",
-                "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+                "pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "vision_token_mask")
 
 
 @torch.no_grad()

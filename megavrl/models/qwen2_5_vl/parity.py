@@ -117,10 +117,13 @@ def _vision_diff(hf_model, model, batch: dict) -> float:
 
 
 def check_parity(hf_dir: str | os.PathLike, tp: int = 1, pp: int = 1, video: str | os.PathLike | None = None,
-                 kinds=KINDS) -> dict | None:
+                 kinds=KINDS, ckpt: str | os.PathLike | None = None) -> dict | None:
     """Run the comparison on this rank (all ranks must call it). Returns the report on global
     rank 0 (None elsewhere): overall and per-kind max/mean |logit diff|, argmax agreement (fraction of
-    real tokens whose top token agrees) and the vision tower's max |diff|."""
+    real tokens whose top token agrees) and the vision tower's max |diff|.
+
+    ckpt: a megavrl Megatron checkpoint (converter output, step directory or root) to load the
+    Megatron model from instead of ``hf_dir``'s safetensors; transformers still loads ``hf_dir``."""
     import torch.distributed as dist
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -132,7 +135,12 @@ def check_parity(hf_dir: str | os.PathLike, tp: int = 1, pp: int = 1, video: str
     layout = init_distributed(tp=tp, pp=pp)
     configs = build_configs(hf_dir, tp=tp, pp=pp)
     model = Qwen2_5_VLModel(configs, rope_convention="transformers").eval()  # the reference's positions
-    load_hf_weights(model, hf_dir)
+    if ckpt is not None:
+        from megavrl.checkpoint.convert import load_megatron_weights
+
+        load_megatron_weights(model, ckpt)
+    else:
+        load_hf_weights(model, hf_dir)
     hf_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32,
                                                                   attn_implementation="eager").eval()
     batches = build_parity_batches(hf_dir, kinds, video)
@@ -168,7 +176,8 @@ def check_parity(hf_dir: str | os.PathLike, tp: int = 1, pp: int = 1, video: str
         vision = max(vision, rank_vision)
     return {"max_abs_logit_diff": totals[0], "mean_abs_logit_diff": totals[1] / max(totals[2], 1),
             "argmax_agreement": totals[4] / max(totals[3], 1), "vision_max_abs_diff": vision,
-            "tp": tp, "pp": pp, "hf_dir": str(Path(hf_dir)), "per_kind": kinds_report}
+            "tp": tp, "pp": pp, "hf_dir": str(Path(hf_dir)), **({"ckpt": str(Path(ckpt))} if ckpt else {}),
+            "per_kind": kinds_report}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,17 +191,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--video", default=None)
     p.add_argument("--kinds", default=",".join(KINDS))
     p.add_argument("--tolerance", type=float, default=None)
+    p.add_argument("--ckpt", default=None)
     args = p.parse_args(argv)
-    return run_worker(args.hf_dir, args.tp, args.pp, args.video, tuple(args.kinds.split(",")), args.tolerance)
+    return run_worker(args.hf_dir, args.tp, args.pp, args.video, tuple(args.kinds.split(",")), args.tolerance,
+                      args.ckpt)
 
 
-def run_worker(hf_dir, tp, pp, video=None, kinds=KINDS, tolerance=None) -> int:
+def run_worker(hf_dir, tp, pp, video=None, kinds=KINDS, tolerance=None, ckpt=None) -> int:
     """One rank of ``check-parity``: prints the JSON line on rank 0; exit code 1 when a tolerance
     is given and exceeded (or argmax agreement is below 100%)."""
     from megavrl.parallel import destroy_distributed
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, tp * pp)))
-    report = check_parity(hf_dir, tp, pp, video, kinds)
+    report = check_parity(hf_dir, tp, pp, video, kinds, ckpt)
     failed = False
     if report is not None:
         print(json.dumps(report), flush=True)

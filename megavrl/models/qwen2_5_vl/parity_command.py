@@ -1,4 +1,4 @@
-"""CLI: ``megavrl check-parity --hf-dir D --tp T --pp P [--video V]``.
+"""CLI: ``megavrl check-parity --hf-dir D [--ckpt C] --tp T --pp P [--video V]``.
 
 Typed in a shell it re-launches itself under torchrun with T * P processes
 (:func:`megavrl.parallel.ensure_launched`); under torchrun each process is one rank of the check
@@ -28,6 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a video file whose frames (decoded with decord) feed the video prompts; "
                         "default: synthetic frames")
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated input kinds (default {','.join(KINDS)})")
+    p.add_argument("--ckpt", default=None,
+                   help="a megavrl Megatron checkpoint (converter output, step_* directory or checkpoint root) "
+                        "to load the Megatron model from instead of --hf-dir's weights; transformers still "
+                        "loads --hf-dir")
     p.add_argument("--tolerance", type=float, default=None,
                    help="exit with status 1 if max_abs_logit_diff exceeds this or any argmax disagrees")
     p.set_defaults(func=_check_parity)
@@ -45,4 +49,4 @@ def _check_parity(args: argparse.Namespace) -> int:
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
         raise SystemExit(f"--kinds: unknown {unknown}; choose from {list(KINDS)}")
-    return run_worker(args.hf_dir, args.tp, args.pp, args.video, kinds, args.tolerance)
+    return run_worker(args.hf_dir, args.tp, args.pp, args.video, kinds, args.tolerance, args.ckpt)

@@ -1,0 +1,217 @@
+"""The policy and the reference model on Megatron-Core: token log-probs and updates.
+
+Both run every micro-batch through Megatron's pipeline schedule (``get_forward_backward_func``:
+1F1B across PP stages, plain accumulation at PP=1), so TP, PP and DP come from Megatron. The
+per-token work at the end of the last stage (log-probs of the labels from vocab-parallel logits,
+entropy, the loss) is a ``loss_func`` handed to the schedule.
+
+Loss scaling. megavrl's losses are divided by *global* normalisers (tokens or sequences of the
+whole mini-batch on all data-parallel ranks), so the mini-batch gradient is the plain SUM of the
+micro-batch gradients over micro-batches and DP ranks. Megatron instead divides each micro-batch
+loss by the number of micro-batches and averages gradients over DP; the loss handed back is
+therefore multiplied by ``num_microbatches * dp_size`` to cancel both.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from megavrl.log import get_logger
+
+log = get_logger(__name__)
+
+from megavrl.models.qwen2_5_vl.model import MODEL_INPUTS as MODEL_KEYS  # noqa: E402
+
+# loss_fn(batch, logprobs [b, S], entropy [b, S]) -> (loss scalar, metrics dict of floats)
+LossFn = Callable[[dict, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+@dataclass
+class StepResult:
+    applied: bool
+    """False when the update was skipped (a non-finite loss or gradient)."""
+    grad_norm: float | None
+    metrics: dict
+    """Summed over micro-batches and DP ranks (losses use global normalisers); same on every rank."""
+
+
+class MegatronActor:
+    """This rank's pipeline stage and TP shard of Qwen2.5-VL, optionally with an optimizer.
+
+    trainable=False builds a frozen copy (the reference policy): no DDP, no optimizer, no grads.
+    """
+
+    def __init__(self, hf_dir: str, tp: int, pp: int, *, dtype: str = "auto", trainable: bool = True,
+                 freeze_vision: bool = False, freeze_projector: bool = False, recompute: bool = False,
+                 optimizer_config=None, total_steps: int = 1, use_distributed_optimizer: bool = False,
+                 megatron_ckpt: str | None = None, rope_convention: str = "qwen"):
+        from megavrl.checkpoint.hf_io import load_hf_weights
+        from megavrl.models.qwen2_5_vl.config import build_configs
+        from megavrl.models.qwen2_5_vl.model import Qwen2_5_VLModel
+
+        overrides = {"recompute_granularity": "full", "recompute_method": "uniform",
+                     "recompute_num_layers": 1} if recompute else {}
+        self.configs = build_configs(hf_dir, tp=tp, pp=pp, params_dtype=resolve_dtype(dtype),
+                                     language_overrides=overrides)
+        self.trainable = trainable
+        # M-RoPE positions must follow the rollout engine's convention ("qwen", as vLLM), or the
+        # trainer would score the sampled tokens at other positions than vLLM sampled them.
+        self.model = Qwen2_5_VLModel(self.configs, freeze_vision=freeze_vision or not trainable,
+                                     freeze_projector=freeze_projector or not trainable,
+                                     rope_convention=rope_convention)
+        if megatron_ckpt:
+            self.load_megatron(megatron_ckpt)
+        else:
+            load_hf_weights(self.model, hf_dir, self.configs.mapping_context())
+        self.optim = None
+        if trainable:
+            from megatron.core.distributed import finalize_model_grads
+
+            from megavrl.rl.optim import build_actor_optimizer
+
+            self.optim = build_actor_optimizer([self.model], self.configs.language, optimizer_config, total_steps,
+                                               use_distributed_optimizer=use_distributed_optimizer)
+            cfg = self.configs.language
+            cfg.finalize_model_grads_func = finalize_model_grads  # DP grad reduce + tied-embedding sync
+            cfg.grad_scale_func = self.optim.optimizer.scale_loss
+            cfg.no_sync_func = self.optim.model[0].no_sync
+        else:
+            self.model.eval()
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def module(self):
+        """What the schedule runs: the DDP wrapper when trainable, the bare stage otherwise."""
+        return self.optim.model[0] if self.optim else self.model
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.model.post_process
+
+    def _token_stats(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from megavrl.rl.logprobs import token_logprobs
+
+        return token_logprobs(logits, labels, vocab_size=self.configs.vocab_size, with_entropy=True)
+
+    def _schedule(self, micro_batches: list[dict], seq_len: int, loss_func_of: Callable, forward_only: bool,
+                  collect: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def step(data_iterator, stage):
+            batch = next(data_iterator)
+            inputs = {k: batch[k] for k in MODEL_KEYS if batch.get(k) is not None}
+            return stage(**inputs), lambda output, **_: loss_func_of(batch, output)
+
+        return get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iter(micro_batches), model=[self.module],
+            num_microbatches=len(micro_batches), seq_length=seq_len,
+            micro_batch_size=micro_batches[0]["input_ids"].shape[0], forward_only=forward_only,
+            collect_non_loss_data=collect)
+
+    # ------------------------------------------------------------------ forward only
+    @torch.no_grad()
+    def logprobs(self, micro_batches: list[dict], seq_len: int) -> list[torch.Tensor] | None:
+        """Log-probs of each micro-batch's labels, [b, S] (0 off the loss mask), on the last stage;
+        None elsewhere. Every rank of the model-parallel group must call it."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            out = self._schedule(micro_batches, seq_len,
+                                 lambda batch, logits: self._token_stats(logits, batch["labels"])[0] * batch["loss_mask"],
+                                 forward_only=True, collect=True)
+        finally:
+            self.module.train(was_training)
+        return list(out) if self.is_last_stage else None
+
+    # ------------------------------------------------------------------ update
+    def train_step(self, micro_batches: list[dict], seq_len: int, loss_fn: LossFn) -> StepResult:
+        """One optimizer step over ``micro_batches`` (this DP rank's share of a mini-batch)."""
+        from megatron.core import parallel_state as ps
+
+        assert self.optim is not None, "train_step needs a trainable actor"
+        scale = len(micro_batches) * ps.get_data_parallel_world_size()
+        self.module.train()
+        self.optim.zero_grad()
+
+        def loss_func(batch, logits):
+            logprobs, entropy = self._token_stats(logits, batch["labels"])
+            loss, metrics = loss_fn(batch, logprobs, entropy)
+            return loss * scale, {k: torch.tensor(float(v)) for k, v in metrics.items()}
+
+        outputs = self._schedule(micro_batches, seq_len, loss_func, forward_only=False, collect=False)
+        metrics = reduce_metrics(outputs if self.is_last_stage else [])
+        finite = all(math.isfinite(v) for v in metrics.values())
+        if not finite:
+            self.optim.zero_grad()
+            return StepResult(applied=False, grad_norm=None, metrics=metrics)
+        applied, grad_norm = self.optim.step()
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            applied = False
+        return StepResult(applied=applied, grad_norm=grad_norm, metrics=metrics)
+
+    # ------------------------------------------------------------------ checkpoints
+    def sharded_state_dict(self) -> dict:
+        model_sd = self.model.sharded_state_dict()
+        out = {"model": model_sd}
+        if self.optim:
+            out["optimizer"] = self.optim.sharded_state_dict(model_sd)
+            out["scheduler"] = self.optim.state_dict()
+        return out
+
+    def load_sharded(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.optim and "optimizer" in state:
+            self.optim.optimizer.load_state_dict(state["optimizer"])
+            self.optim.scheduler.load_state_dict(state["scheduler"]["scheduler"])
+
+    def load_megatron(self, ckpt_dir: str) -> None:
+        """Model weights from a megavrl Megatron checkpoint directory (its ``dist/``)."""
+        from pathlib import Path
+
+        from megatron.core import dist_checkpointing
+
+        state = dist_checkpointing.load({"model": self.model.sharded_state_dict()}, str(Path(ckpt_dir) / "dist"))
+        self.model.load_state_dict(state["model"])
+        log.info("loaded model weights from Megatron checkpoint %s", ckpt_dir)
+
+    def export_hf_ranks0(self, dtype: torch.dtype | None = None):
+        """Stream of (published HF name, full tensor) yielded on global rank 0 (weight sync, HF
+        export). Every rank must exhaust it: the others drive the PP broadcasts and TP gathers."""
+        from megavrl.checkpoint.hf_io import export_hf_weights
+
+        return export_hf_weights(self.model, self.configs.mapping_context(), ranks="rank0", dtype=dtype)
+
+
+def reduce_metrics(outputs: list[dict]) -> dict:
+    """Sum per-micro-batch metric dicts over micro-batches and over all ranks that hold them.
+
+    Only last-stage ranks with TP rank 0 contribute (the other TP ranks hold copies), so the
+    result is the sum over micro-batches and data-parallel ranks, identical on every rank.
+    """
+    from megatron.core import parallel_state as ps
+
+    local: dict[str, float] = {}
+    if ps.get_tensor_model_parallel_rank() == 0:
+        for out in outputs:
+            for k, v in out.items():
+                local[k] = local.get(k, 0.0) + float(v)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return local
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, local)
+    total: dict[str, float] = {}
+    for part in gathered:
+        for k, v in part.items():
+            total[k] = total.get(k, 0.0) + v
+    return total

@@ -1,0 +1,500 @@
+"""``megavrl train``: GRPO (or SFT) of Qwen2.5-VL on Megatron-Core with vLLM rollouts.
+
+Placement: every process holds its TP/PP shard of the actor (and of the frozen reference);
+global rank 0 also holds the data stream and the vLLM engine. Each step, rank 0 samples the
+prompts, rolls them out, scores them and turns them into training sequences, which are
+broadcast; every data-parallel rank trains on its share; the updated weights stream back into
+vLLM (PP broadcast + TP gather into full HF tensors, bucketed). One step:
+
+    prompts -> rollout (n per prompt) -> rewards -> zero-variance filter -> advantages
+      -> old / reference log-probs -> ppo_epochs x mini_batches of forward-backward + optimizer step
+      -> weight sync -> metrics -> checkpoint / eval when due
+"""
+from __future__ import annotations
+
+import math
+import os
+import resource
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from megavrl.config import Config, dump_yaml, to_dict
+from megavrl.log import get_logger
+from megavrl.rl.batch import TrainSequence, collate, padded_length, split_micro_batches
+
+log = get_logger(__name__)
+
+
+# --------------------------------------------------------------------------------- helpers
+
+
+def _broadcast(obj, src: int = 0):
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank()
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy, torch and Megatron's model-parallel RNG streams, from one seed."""
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class PhaseTimer:
+    """Seconds spent per phase of a step (``time/<phase>`` metrics)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+    def metrics(self) -> dict:
+        return {f"time/{k}": v for k, v in self.seconds.items()}
+
+
+def shard_for_data_parallel(sequences: list[TrainSequence], dp_rank: int, dp: int, micro_batch_size: int,
+                            pad_id: int) -> list[list[TrainSequence]]:
+    """This DP rank's micro-batches: sequences dealt round-robin, every micro-batch exactly
+    ``micro_batch_size`` long (padding sequences, which carry no loss, fill the gaps), and the same
+    number of micro-batches on every rank."""
+    per_rank = math.ceil(len(sequences) / dp)
+    n_micro = max(1, math.ceil(per_rank / micro_batch_size))
+    mine = sequences[dp_rank::dp]
+    filler = TrainSequence(input_ids=[pad_id, pad_id], prompt_len=1, info={"padding": True})
+    mine = mine + [filler] * (n_micro * micro_batch_size - len(mine))
+    return split_micro_batches(mine, micro_batch_size)
+
+
+def _collate_all(micro: list[list[TrainSequence]], pad_id: int, seq_len: int) -> list[dict]:
+    batches = []
+    for seqs in micro:
+        batch = collate(seqs, pad_id, seq_len)
+        for i, s in enumerate(seqs):
+            if s.info.get("padding"):
+                batch["loss_mask"][i] = 0.0
+        batches.append(batch)
+    return batches
+
+
+# --------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """One training run. ``engine``: an already started RolloutEngine to reuse (rank 0; tools and
+    tests running several trainings in one process); its weights are replaced by the actor's."""
+
+    def __init__(self, cfg: Config, engine=None):
+        from megavrl.checkpoint.manager import CheckpointManager
+        from megavrl.config import validate
+        from megavrl.parallel.distributed import init_distributed
+        from megavrl.rl.actor import MegatronActor
+        from megavrl.run_metrics import MetricsWriter
+
+        self.cfg = cfg
+        backend = None if cfg.parallel.backend == "auto" else cfg.parallel.backend
+        self.layout = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.trainer.seed, backend=backend)
+        validate(cfg, world_size=self.layout.world_size)
+        self.grpo = cfg.algorithm.name == "grpo"
+        out = Path(cfg.trainer.output_dir)
+        self.output_dir = out
+        self.ckpt_dir = Path(cfg.checkpoint.dir or out / "checkpoints")
+        self.tb_dir = Path(cfg.logging.tensorboard_dir or out / "tensorboard")
+        if _rank() == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(dump_yaml(cfg))
+        self.metrics = MetricsWriter(self.tb_dir, console_every=cfg.logging.log_every, console_keys=[
+            "reward/total", "reward/std", "reward/parse_fail_rate", "loss", "kl_loss", "entropy", "clip_fraction", "grad_norm",
+            "token_mult_prob_error", "response_len/mean", "time/step", "throughput/tokens_per_s"])
+
+        t0 = time.perf_counter()
+        convention = cfg.data.prompt.rope_convention
+        common = dict(dtype=cfg.model.dtype, rope_convention=convention)
+        self.actor = MegatronActor(
+            cfg.model.hf_dir, cfg.parallel.tp, cfg.parallel.pp, trainable=True,
+            freeze_vision=cfg.model.freeze_vision, freeze_projector=cfg.model.freeze_projector,
+            recompute=cfg.model.recompute_activations, optimizer_config=cfg.optimizer,
+            total_steps=cfg.trainer.total_steps, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            megatron_ckpt=cfg.model.megatron_ckpt, **common)
+        self.ref = None
+        if self.grpo and cfg.algorithm.kl_coef > 0:
+            self.ref = MegatronActor(cfg.model.hf_dir, cfg.parallel.tp, cfg.parallel.pp, trainable=False,
+                                     megatron_ckpt=cfg.model.megatron_ckpt, **common)
+        log.info("Megatron actor%s built in %.1f s", " and reference" if self.ref else "", time.perf_counter() - t0)
+
+        self.tokenizer = self._tokenizer()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.dataset = self.data_iter = None
+        self.engine = engine if _rank() == 0 else None
+        if _rank() == 0:
+            self._build_rank0()
+        self.ckpt = CheckpointManager(self.ckpt_dir, keep_last=cfg.checkpoint.keep_last)
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        # Seeded after everything is built (starting vLLM or building models draws random numbers),
+        # so the training stream depends only on the seed, or on the checkpoint when resuming.
+        seed_everything(cfg.trainer.seed)
+        reused_engine = _broadcast(engine is not None)
+        if not self._resume() and (reused_engine or cfg.model.megatron_ckpt):
+            self.sync_weights()  # the engine holds other weights than the actor starts from
+
+    # ------------------------------------------------------------------ construction
+    def _tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.cfg.model.hf_dir)
+
+    def _build_rank0(self) -> None:
+        from megavrl.data.datasets import VideoTaskDataset
+        from megavrl.data.prompt import PromptBuilder
+
+        cfg = self.cfg
+        self.builder = PromptBuilder.from_hf_dir(cfg.model.hf_dir, cfg.data.prompt)
+        self.dataset = VideoTaskDataset(cfg.data, builder=self.builder, split="train")
+        self.data_iter = iter(self.dataset)
+        if (self.grpo or cfg.data.val) and self.engine is None:
+            from megavrl.rollout.engine import RolloutEngine
+
+            t0 = time.perf_counter()
+            self.engine = RolloutEngine(cfg.model.hf_dir, cfg.rollout)
+            log.info("vLLM engine started in %.1f s", time.perf_counter() - t0)
+
+    def _resume(self) -> bool:
+        """Load the checkpoint ``checkpoint.resume`` points at, if any; True when resumed."""
+        from megavrl.checkpoint.manager import restore_rng_state
+
+        path = self.ckpt.resolve(self.cfg.checkpoint.resume)
+        if path is None:
+            return False
+        loaded = self.ckpt.load(path, self.actor.sharded_state_dict())
+        self.actor.load_sharded(loaded.sharded)
+        self.step = loaded.step
+        state = loaded.rank_state or {}
+        if "rng" in state:
+            restore_rng_state(state["rng"])
+        if _rank() == 0 and "data" in state:
+            self.dataset.load_state_dict(state["data"])
+            self.data_iter = iter(self.dataset)
+        self.nonfinite_total = int(loaded.metadata.get("nonfinite_total", 0))
+        log.info("resumed from %s at step %d", path, self.step)
+        self.sync_weights()
+        return True
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        from megavrl.rl.preemption import PreemptionHandler
+
+        cfg = self.cfg
+        before = self.evaluate("before") if self.step == 0 else {}
+        interrupted = False
+        with PreemptionHandler() as preemption:
+            while self.step < cfg.trainer.total_steps:
+                metrics = self.train_step()
+                self.step += 1
+                self.metrics.write(self.step, metrics)
+                if self.nonfinite_in_a_row >= cfg.trainer.max_consecutive_nonfinite:
+                    self.save()
+                    raise RuntimeError(f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
+                                       f"(trainer.max_consecutive_nonfinite={cfg.trainer.max_consecutive_nonfinite}): "
+                                       f"stopping. Lower optimizer.lr or check the data.")
+                if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
+                    self.save()
+                if cfg.trainer.eval_every and self.step % cfg.trainer.eval_every == 0 \
+                        and self.step < cfg.trainer.total_steps:
+                    self.evaluate(f"step{self.step}")
+                if preemption.should_stop():
+                    log.warning("stopping at step %d on %s: saving a checkpoint", self.step,
+                                "a signal" if preemption.received else "another rank's signal")
+                    self.save()
+                    interrupted = True
+                    break
+        if not interrupted:
+            final = self.save()
+            if cfg.checkpoint.export_hf_at_end:
+                self.export_hf(final, self.output_dir / "hf")
+        after = self.evaluate("after") if not interrupted else {}
+        self.metrics.close()
+        summary = {"step": self.step, "interrupted": interrupted, "before": before, "after": after,
+                   "tensorboard": str(self.tb_dir), "nonfinite_steps": self.nonfinite_total}
+        if _rank() == 0:
+            self._print_summary(summary)
+        return summary
+
+    def train_step(self) -> dict:
+        timer = PhaseTimer()
+        t0 = time.perf_counter()
+        with timer("rollout"):
+            payload = self._experience() if _rank() == 0 else None
+            sequences, metrics = _broadcast(payload)
+        if sequences:
+            metrics.update(self._update(sequences, timer))
+            if self.grpo:
+                with timer("weight_sync"):
+                    metrics.update(self.sync_weights())
+        metrics.update(timer.metrics())
+        metrics["time/step"] = time.perf_counter() - t0
+        n_tokens = sum(len(s) for s in sequences)
+        metrics["throughput/tokens_per_s"] = n_tokens / metrics["time/step"]
+        metrics["memory/peak_mb"] = peak_memory_mb()
+        metrics["lr"] = self.actor.optim.lr
+        metrics["nonfinite/total"] = self.nonfinite_total
+        return metrics
+
+    # ------------------------------------------------------------------ rank 0: experience
+    def _next_prompts(self, n: int) -> list:
+        from megavrl.data.schema import EmptyDatasetError
+
+        items = self.dataset.take(n, self.data_iter)
+        if len(items) < n:
+            raise EmptyDatasetError(f"the training stream ended after {len(items)} of {n} prompts")
+        return items
+
+    def _experience(self) -> tuple[list[TrainSequence], dict]:
+        from megavrl.rl.experience import sft_sequences
+
+        cfg = self.cfg
+        if not self.grpo:
+            prepared = self._next_prompts(cfg.trainer.prompts_per_step)
+            seqs = sft_sequences(prepared, self.tokenizer)
+            return seqs, {"data/skipped": self.dataset.skips.total if hasattr(self.dataset.skips, "total") else 0}
+        return self._grpo_experience()
+
+    def _grpo_experience(self) -> tuple[list[TrainSequence], dict]:
+        from megavrl.rewards import RewardStats
+        from megavrl.rl import ZeroVarianceFilter, group_advantages
+        from megavrl.rl.experience import grpo_sequences, rollout_prompt, score_groups
+
+        cfg = self.cfg
+        n_prompts = cfg.trainer.prompts_per_step
+        extra = cfg.selection.max_refills if cfg.algorithm.filter_zero_variance else 0
+        prepared = self._next_prompts(n_prompts + extra)
+        groups = self.engine.generate([rollout_prompt(p, i) for i, p in enumerate(prepared)],
+                                      seed=cfg.trainer.seed * 1_000_003 + self.step)
+        rewards = score_groups(groups, prepared, cfg.reward)
+        metrics: dict = {}
+        stats = RewardStats()
+        for p, rs in zip(prepared[:n_prompts], rewards[:n_prompts]):
+            stats.add_many([p.sample.task] * len(rs), rs)
+        metrics.update(stats.summary(prefix="reward/"))
+        by_task: dict[str, list[float]] = {}
+        for p, rs in zip(prepared[:n_prompts], rewards[:n_prompts]):
+            by_task.setdefault(p.sample.task, []).extend(r.total for r in rs)
+        every = [x for xs in by_task.values() for x in xs]
+        metrics["reward/std"] = float(torch.tensor(every).std(unbiased=False))
+        for task, xs in by_task.items():
+            metrics[f"reward/{task}/std"] = float(torch.tensor(xs).std(unbiased=False))
+
+        triples = list(zip(groups, prepared, rewards))
+        if cfg.algorithm.filter_zero_variance:
+            zf = ZeroVarianceFilter(max_refills=extra, rewards_of=lambda t: t[2])
+            zf.push(triples[n_prompts:])
+            kept = zf.filter(triples[:n_prompts])
+            triples = list(kept.groups)
+            metrics.update({"filter/dropped_groups": kept.num_dropped, "filter/refilled_groups": kept.num_refilled,
+                            "filter/kept_groups": len(triples)})
+        else:
+            triples = triples[:n_prompts]
+        if not triples:
+            log.warning("step %d: every group had zero reward variance: nothing to train on", self.step)
+            return [], metrics
+        groups, prepared, rewards = (list(x) for x in zip(*triples))
+        totals = torch.tensor([[r.total for r in rs] for rs in rewards], dtype=torch.float32)
+        adv, zero_var = group_advantages(totals, **cfg.algorithm.advantage_kwargs())
+        build = grpo_sequences(groups, prepared, adv, rewards)
+        lengths = torch.tensor([len(s) for g in groups for s in g.samples], dtype=torch.float32)
+        truncated = sum(s.finish_reason == "length" for g in groups for s in g.samples)
+        metrics.update({
+            "advantage/mean": float(adv.mean()), "advantage/abs_mean": float(adv.abs().mean()),
+            "advantage/zero_variance_groups": int(zero_var.sum()),
+            "response_len/mean": float(lengths.mean()), "response_len/max": float(lengths.max()),
+            "response_len/truncated_fraction": truncated / max(1, len(lengths)),
+            "prompt_len/mean": sum(p.num_tokens for p in prepared) / len(prepared),
+            "data/prompt_token_mismatch": build.mismatched_prompts,
+        })
+        return build.sequences, metrics
+
+    # ------------------------------------------------------------------ all ranks: update
+    def _update(self, sequences: list[TrainSequence], timer: PhaseTimer) -> dict:
+        from megatron.core import parallel_state as ps
+
+        cfg = self.cfg
+        alg = cfg.algorithm
+        seq_len = padded_length(sequences)
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        mbs = cfg.trainer.micro_batch_size
+        minis = [sequences[i::alg.mini_batches] for i in range(alg.mini_batches)]
+        minis = [m for m in minis if m]
+        batches = [_collate_all(shard_for_data_parallel(m, dp_rank, dp, mbs, self.pad_id), self.pad_id, seq_len)
+                   for m in minis]
+        need_old = self.grpo and (alg.ppo_epochs > 1 or len(minis) > 1)
+        with timer("logprobs"):
+            for mb_list in batches:
+                for key, model in (("old_logprobs", self.actor if need_old else None), ("ref_logprobs", self.ref)):
+                    if model is None:
+                        continue
+                    values = model.logprobs(mb_list, seq_len)
+                    if values is not None:
+                        for b, v in zip(mb_list, values):
+                            b[key] = v
+        totals: dict[str, float] = {}
+        n_updates = skipped = 0
+        grad_norms = []
+        with timer("train"):
+            for _ in range(alg.ppo_epochs):
+                for mini, mb_list in zip(minis, batches):
+                    loss_fn = self._loss_fn(mini)
+                    result = self.actor.train_step(mb_list, seq_len, loss_fn)
+                    n_updates += 1
+                    if not result.applied:
+                        skipped += 1
+                    elif result.grad_norm is not None:
+                        grad_norms.append(result.grad_norm)
+                    for k, v in result.metrics.items():
+                        totals[k] = totals.get(k, 0.0) + v
+        metrics = {k: v / n_updates for k, v in totals.items()}
+        if skipped:
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+            log.warning("step %d: %d of %d updates skipped (non-finite loss or gradient)", self.step, skipped, n_updates)
+        else:
+            self.nonfinite_in_a_row = 0
+        metrics["nonfinite/skipped_updates"] = skipped
+        if grad_norms:
+            metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        return metrics
+
+    def _loss_fn(self, mini: list[TrainSequence]):
+        """The loss of one mini-batch, with normalisers over the whole mini-batch (all DP ranks)."""
+        from megavrl.rl import policy_loss
+
+        num_tokens = sum(s.response_len for s in mini)
+        num_seqs = len(mini)
+        if not self.grpo:
+            def sft_loss(batch, logprobs, entropy):
+                mask = batch["loss_mask"]
+                nll = -(logprobs * mask).sum() / num_tokens
+                ent = (entropy.detach() * mask).sum() / num_tokens
+                return nll, {"loss": nll.item(), "entropy": ent.item(), "num_tokens": float(mask.sum())}
+            return sft_loss
+
+        alg = self.cfg.algorithm
+        kwargs = alg.loss_kwargs()
+        if self.ref is None:
+            kwargs["kl_coef"] = 0.0
+
+        def grpo_loss(batch, logprobs, entropy):
+            old = batch.get("old_logprobs")
+            return policy_loss(
+                logprobs, logprobs.detach() if old is None else old, batch["advantages"], batch["loss_mask"],
+                ref_logprobs=batch.get("ref_logprobs"), rollout_logprobs=batch.get("rollout_logprobs"),
+                entropy=entropy, global_num_tokens=num_tokens, global_num_seqs=num_seqs,
+                max_response_len=self.cfg.rollout.max_new_tokens, **kwargs)
+        return grpo_loss
+
+    # ------------------------------------------------------------------ weights, checkpoints, eval
+    def sync_weights(self) -> dict:
+        """Stream the actor's weights into the vLLM engine (all ranks take part)."""
+        if not (self.grpo or self.cfg.data.val):
+            return {}
+        stream = self.actor.export_hf_ranks0()
+        if _rank() == 0 and self.engine is not None:
+            stats = self.engine.update_weights(stream)
+            return {"weight_sync/seconds": stats.seconds, "weight_sync/mb_per_s": stats.mb_per_s}
+        for _ in stream:  # drive the collectives
+            pass
+        return {}
+
+    def save(self) -> Path:
+        """Checkpoint the run. Saving leaves every RNG stream as it found it (Megatron's writer
+        draws random numbers), so a resumed run continues exactly like an uninterrupted one."""
+        from megavrl.checkpoint.manager import capture_rng_state, restore_rng_state
+
+        state = {"rng": capture_rng_state()}
+        if _rank() == 0 and self.dataset is not None:
+            state["data"] = self.dataset.state_dict()
+        path = self.ckpt.save(self.step, self.actor.sharded_state_dict(), rank_state=state,
+                              metadata={"config": to_dict(self.cfg), "nonfinite_total": self.nonfinite_total,
+                                        "tp": self.layout.tp, "pp": self.layout.pp},
+                              hf_files_from=self.cfg.model.hf_dir)
+        restore_rng_state(state["rng"])
+        return path
+
+    def export_hf(self, ckpt: Path, out: Path) -> None:
+        """Convert the checkpoint just saved into a Hugging Face directory (rank 0).
+
+        Runs ``megavrl convert megatron-to-hf`` in a child process: the converter streams tensor by
+        tensor from the distributed checkpoint (bounded memory) and needs no live process group.
+        """
+        import subprocess
+        import sys
+
+        if _rank() == 0:
+            dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(self.cfg.model.dtype, "bf16")
+            cmd = [sys.executable, "-m", "megavrl.cli", "convert", "megatron-to-hf", "--ckpt", str(ckpt),
+                   "--out", str(out), "--dtype", dtype, "--force"]
+            # A clean single-process job: none of torchrun's variables (with TORCHELASTIC_USE_AGENT_STORE
+            # the child's rendezvous would wait for torchrun's agent store forever).
+            torchrun_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                             "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+            env = {k: v for k, v in os.environ.items()
+                   if k not in torchrun_vars and not k.startswith(("TORCHELASTIC_", "TORCH_ELASTIC_"))}
+            result = subprocess.run(cmd, env=env)
+            if result.returncode != 0:
+                log.error("HF export failed (exit %d); convert later with: %s", result.returncode, " ".join(cmd[2:]))
+            else:
+                log.info("exported the trained model to %s (Hugging Face format)", out)
+        torch.distributed.barrier()
+
+    def evaluate(self, tag: str) -> dict:
+        """Greedy evaluation on data.val (rank 0 drives vLLM; others wait)."""
+        if not self.cfg.data.val:
+            return {}
+        if not self.grpo and self.step > 0:  # SFT updates do not stream into the engine each step
+            self.sync_weights()
+        result = None
+        if _rank() == 0:
+            from megavrl.eval.runner import run_eval
+
+            out = Path(self.cfg.eval.output_dir or self.output_dir / "eval") / tag
+            result = run_eval(self.engine, self.cfg, self.builder, out)
+            self.metrics.write(self.step, {k: v for k, v in result.items() if isinstance(v, (int, float))},
+                               prefix="eval/")
+        return _broadcast(result)
+
+    def _print_summary(self, summary: dict) -> None:
+        lines = [f"megavrl train: {summary['step']} steps{' (interrupted)' if summary['interrupted'] else ''}"]
+        keys = sorted(set(summary["before"]) | set(summary["after"]))
+        for k in keys:
+            b, a = summary["before"].get(k), summary["after"].get(k)
+            if isinstance(b, (int, float)) or isinstance(a, (int, float)):
+                lines.append(f"  eval {k}: before {b if b is not None else '-'} -> after {a if a is not None else '-'}")
+        lines.append(f"  TensorBoard logs: {summary['tensorboard']}  (tensorboard --logdir {summary['tensorboard']})")
+        print("\n".join(lines), flush=True)
