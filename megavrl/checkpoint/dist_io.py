@@ -187,7 +187,8 @@ def _no_crc32():
 
 def _streaming_writer(path, on_write: Callable[[int], None]):
     """torch's FileSystemWriter, but writing item after item and holding none: its own
-    ``write_data`` keeps a reference to every tensor it wrote until the file is closed."""
+    ``write_data`` keeps the last tensor written under every key until the file is closed (for
+    its safetensors mode), i.e. a whole layer and the embeddings at once."""
     from torch.distributed.checkpoint.filesystem import FileSystemWriter, _StorageInfo
     from torch.distributed.checkpoint.planner import WriteItemType
     from torch.distributed.checkpoint.storage import WriteResult

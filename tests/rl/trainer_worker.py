@@ -131,7 +131,9 @@ def scenario_tp2(workdir: Path, hf_dir: str, data_dir: str) -> dict:
     # B: the same run stopped after step 2, then resumed from its checkpoint to step 3.
     b1 = Trainer(config(workdir, hf_dir, data_dir, "B", **{"parallel.tp": 2, "trainer.total_steps": 2,
                                                            "checkpoint.save_every": 2}), engine=engine)
+    rec_b1 = Recorder(b1)  # the same draws as in A, so the RNG streams are comparable
     b1.run()
+    rec_b1.detach()
     b2 = Trainer(config(workdir, hf_dir, data_dir, "B", **{"parallel.tp": 2, "trainer.total_steps": 3,
                                                            "checkpoint.save_every": 2}), engine=engine)
     rec_b = Recorder(b2)
