@@ -155,8 +155,11 @@ class CheckpointManager:
         """Collectively load ``path`` into the shapes/shardings described by ``sharded_state_dict``."""
         from megatron.core import dist_checkpointing
 
+        from megavrl.checkpoint.dist_io import check_safe_to_load
+
         path = Path(path)
         metadata = json.loads((path / MARKER).read_text())
+        check_safe_to_load(path / "dist")  # Megatron's loader itself would unpickle without restriction
         state = dist_checkpointing.load(sharded_state_dict, str(path / "dist"))
         rank_file = path / "rank_state" / f"rank{_rank():05d}.pt"
         rank_state = None

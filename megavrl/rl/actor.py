@@ -175,15 +175,11 @@ class MegatronActor:
             self.optim.optimizer.load_state_dict(state["optimizer"])
             self.optim.scheduler.load_state_dict(state["scheduler"]["scheduler"])
 
-    def load_megatron(self, ckpt_dir: str) -> None:
-        """Model weights from a megavrl Megatron checkpoint directory (its ``dist/``)."""
-        from pathlib import Path
+    def load_megatron(self, ckpt: str) -> None:
+        """Model weights from a megavrl Megatron checkpoint (converter output, step dir or root)."""
+        from megavrl.checkpoint.convert import load_megatron_weights
 
-        from megatron.core import dist_checkpointing
-
-        state = dist_checkpointing.load({"model": self.model.sharded_state_dict()}, str(Path(ckpt_dir) / "dist"))
-        self.model.load_state_dict(state["model"])
-        log.info("loaded model weights from Megatron checkpoint %s", ckpt_dir)
+        load_megatron_weights(self.model, ckpt)
 
     def export_hf_ranks0(self, dtype: torch.dtype | None = None):
         """Stream of (published HF name, full tensor) yielded on global rank 0 (weight sync, HF
