@@ -1,0 +1,460 @@
+"""Actor training step tokens/s: megavrl's Megatron actor vs transformers + plain PyTorch, same batch.
+
+One training step = forward + backward over every micro-batch + one optimizer step (gradient
+clipping at 1.0, then Adam with decoupled weight decay), fp32, loss = token-mean cross entropy
+of the response tokens. Both sides start from the same random Qwen2.5-VL directory and train on
+the same batch: ``--sequences`` sequences of exactly ``--seq-len`` tokens, each a synthetic
+grounding video prompt built by megavrl's data pipeline (decord decode, frame sampling, resize,
+patchify, chat template, M-RoPE ids) followed by random text tokens up to the length (the
+"response"), split into micro-batches of ``--micro-batch-size``. ``--fps 0`` uses text-only
+sequences instead (the language model alone; results in actor_step_text_only.json).
+
+- megavrl: ``MegatronActor.train_step`` (Megatron-Core DDP + Megatron's Adam, local layer spec,
+  CPU mode over gloo), TP=1 in this process.
+- baseline: ``Qwen2_5_VLForConditionalGeneration`` (transformers' default attention, SDPA), the
+  same micro-batches with gradient accumulation, ``clip_grad_norm_`` and ``torch.optim.AdamW``
+  with the same lr, betas, eps and weight decay.
+
+The two sides are timed in alternating rounds in one process (the machine is shared: load
+changes hit both alike), after ``--warmup`` untimed steps each; the best of ``--steps`` rounds
+counts; the median and the CPU seconds per step (all threads; tokens_per_cpu_second) are kept in
+the notes. On a busy shared machine ``--threads 1`` gives by far the steadiest comparison
+(2-thread OpenMP regions wait for whichever thread was descheduled, and the side with more, smaller
+ops suffers more). Both compute the same loss before their first update (the step-1 losses are
+printed and stored: a check that they train the same thing).
+
+The actor is also timed at TP=2 under torchrun (2 processes, 1 thread each; ``--no-tp2`` skips
+it), reported as a separate figure against the same baseline.
+
+GPU (only when ``torch.cuda.is_available()``, or ``--gpu``): model FLOPs utilisation of the actor
+step for Qwen2.5-VL-3B and -7B language-model shapes (config dicts shaped like the published
+config.json files, random weights, bf16, text-only sequences of ``--gpu-seq-lens`` tokens, the
+vision tower frozen, activation recompute off and on). ``--gpu-num-layers`` builds fewer decoder
+layers than the published depth (default 8, so that bf16 weights + fp32 grads, master copies and
+Adam state fit one GPU; 0 = the published depth). The CPU figures are skipped in that mode. Not
+yet run on a GPU (``--gpu --gpu-dtype float32`` on a CPU runs the code path, in CPU mode).
+
+    MFU = (6 * N * T + n_seq * 12 * L * h * S^2 / 2) / t / peak
+
+with N the active parameters of the language model that take part in matmuls (decoder layers and
+the output layer, not the input-embedding lookup), T = n_seq * S tokens per step, L layers, h the
+hidden size, S the sequence length (causal attention: half of the S^2 score and value matmuls),
+t seconds per step and peak = ``--peak-tflops`` (989 = H100 SXM dense bf16). Recomputed
+activations are not counted (model FLOPs, not hardware FLOPs).
+
+Usage: python -m bench.bench_actor_step [--preset tiny [small]] [--sequences 8] [--seq-len 512]
+           [--micro-batch-size 4] [--warmup 1] [--steps 5] [--no-tp2]
+       python -m bench.bench_actor_step --gpu [--peak-tflops 989] [--gpu-seq-lens 2048 4096 8192]
+Writes bench/results/actor_step.json (other --preset choices: actor_step_<presets>.json; GPU mode:
+actor_step_gpu_mfu.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from bench.common import Figure, write_result
+
+LR = 1e-5
+ADAM = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+CLIP_GRAD = 1.0
+
+# "small": a wider and deeper debug model (about 30M parameters) than the "tiny" preset (4M), so
+# the step is dominated by matmuls rather than per-op overheads, as it is for real sizes.
+SMALL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+             num_key_value_heads=2, mrope_section=(8, 12, 12), vision_hidden_size=256,
+             vision_intermediate_size=512, vision_num_heads=4)
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+
+def make_model(out: Path, preset: str) -> Path:
+    """A random Qwen2.5-VL HF directory: megavrl's "tiny" preset, or "small" (SMALL sizes)."""
+    from megavrl.models.qwen2_5_vl import tiny
+
+    if preset == "small" and "small" not in tiny.PRESETS:
+        # make_tiny_model builds only registered presets: register this one for this process.
+        tiny.PRESETS["small"] = tiny.TinyPreset(**SMALL)
+    return tiny.make_tiny_model(out, preset=preset, seed=0, force=True)
+
+
+def make_batch(hf_dir: Path, data_dir: Path, sequences: int, seq_len: int, micro_batch_size: int,
+               fps: float, seed: int = 0) -> tuple[list[dict], dict]:
+    """The micro-batches (collated) of ``sequences`` video prompts + random text up to ``seq_len``.
+
+    fps <= 0: text-only sequences (random prompt of 3/4 of ``seq_len``, then the response), to
+    time the language model without the vision tower."""
+    from transformers import AutoTokenizer
+
+    from megavrl.rl.batch import TrainSequence, collate, split_micro_batches
+    from megavrl.rl.experience import prompt_positions, vision_inputs
+
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    # Response (and text-only prompt) tokens: ordinary BPE tokens only (ids below the first
+    # special token), so neither model mistakes one for a vision placeholder.
+    first_special = min(tok.convert_tokens_to_ids(t) for t in tok.all_special_tokens)
+    gen = torch.Generator().manual_seed(seed)
+    seqs = []
+    if fps <= 0:
+        for _ in range(sequences):
+            seqs.append(TrainSequence(input_ids=torch.randint(0, first_special, (seq_len,), generator=gen),
+                                      prompt_len=3 * seq_len // 4))
+        info = {"prompt_tokens": [s.prompt_len for s in seqs], "video_tokens": 0}
+    else:
+        prepared = video_prompts(hf_dir, data_dir, sequences, fps, seed)
+        for p in prepared:
+            if p.num_tokens >= seq_len:
+                raise ValueError(f"prompt of {p.num_tokens} tokens does not fit --seq-len {seq_len}: raise it "
+                                 "or lower --fps")
+            response = torch.randint(0, first_special, (seq_len - p.num_tokens,), generator=gen)
+            seqs.append(TrainSequence(input_ids=torch.cat([p.input_ids, response]), prompt_len=p.num_tokens,
+                                      vision=vision_inputs(p), **prompt_positions(p)))
+        info = {"prompt_tokens": [p.num_tokens for p in prepared], "video_tokens": prepared[0].num_video_tokens,
+                "video_frames": int(prepared[0].frames.shape[0]), "frame_size": list(prepared[0].frames.shape[-2:])}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    batches = [collate(mb, pad, seq_len) for mb in split_micro_batches(seqs, micro_batch_size)]
+    info["loss_tokens"] = int(sum(b["loss_mask"].sum() for b in batches))
+    return batches, info
+
+
+def video_prompts(hf_dir: Path, data_dir: Path, count: int, fps: float, seed: int) -> list:
+    """``count`` prepared grounding prompts of synthetic videos (megavrl's data pipeline)."""
+    from megavrl.data.config import DataConfig
+    from megavrl.data.datasets import VideoTaskDataset
+    from megavrl.data.prompt import PromptBuilder
+    from megavrl.data.synth import write_synthetic_dataset
+
+    if not (data_dir / "train.jsonl").exists():
+        write_synthetic_dataset(str(data_dir), tasks=("tvg",), n=max(count + 2, 8), seed=seed, val_fraction=0.0)
+    data = DataConfig(train=[{"json_path": str(data_dir / "train.jsonl"), "data_folder": str(data_dir)}],
+                      video={"fps": fps, "min_pixels": 3136, "max_pixels": 25088}, num_workers=0, shuffle=False)
+    builder = PromptBuilder.from_hf_dir(str(hf_dir), data.prompt)
+    return VideoTaskDataset(data, builder=builder).take(count)
+
+
+def token_mean_ce(num_tokens: int):
+    """The actor's loss_fn: cross entropy of the response tokens, divided by the batch's count."""
+    def loss_fn(batch, logprobs, entropy):
+        loss = -(logprobs * batch["loss_mask"]).sum() / num_tokens
+        return loss, {"loss": loss.item()}
+    return loss_fn
+
+
+# ------------------------------------------------------------------------------------ the two sides
+
+
+class MegatronSide:
+    name = "megavrl MegatronActor"
+
+    def __init__(self, hf_dir: Path, batches: list[dict], tp: int = 1, steps_hint: int = 100):
+        from megavrl.config import OptimizerConfig
+        from megavrl.parallel.distributed import init_distributed
+        from megavrl.rl.actor import MegatronActor
+
+        init_distributed(tp=tp, pp=1)
+        opt = OptimizerConfig(lr=LR, weight_decay=ADAM["weight_decay"], adam_beta1=ADAM["betas"][0],
+                              adam_beta2=ADAM["betas"][1], adam_eps=ADAM["eps"], clip_grad=CLIP_GRAD)
+        self.actor = MegatronActor(str(hf_dir), tp=tp, pp=1, dtype="float32", optimizer_config=opt,
+                                   total_steps=steps_hint)
+        self.batches = batches
+        self.seq_len = batches[0]["input_ids"].shape[1]
+        self.loss_fn = token_mean_ce(int(sum(b["loss_mask"].sum() for b in batches)))
+
+    def step(self) -> float:
+        result = self.actor.train_step(self.batches, self.seq_len, self.loss_fn)
+        assert result.applied, result
+        return result.metrics["loss"]
+
+
+class TransformersSide:
+    name = "transformers + torch.optim.AdamW"
+
+    def __init__(self, hf_dir: Path, batches: list[dict]):
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=LR, **ADAM)
+        self.batches = batches
+        self.num_tokens = int(sum(b["loss_mask"].sum() for b in batches))
+        self.attn = self.model.config._attn_implementation
+
+    def step(self) -> float:
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for b in self.batches:
+            self.model.model.rope_deltas = None
+            vision = {k: b[k] for k in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts") if k in b}
+            logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                position_ids=b["position_ids"], use_cache=False, **vision).logits
+            logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, b["labels"][..., None]).squeeze(-1)
+            loss = -(logprobs * b["loss_mask"]).sum() / self.num_tokens
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(self.params, CLIP_GRAD)
+        self.opt.step()
+        return total
+
+
+def time_alternating(sides: list, warmup: int, steps: int) -> tuple[list[list[float]], list[list[float]], list[float]]:
+    """Wall-clock and CPU seconds (all threads of this process) per step of each side, rounds
+    alternating; also each side's first loss. CPU seconds hardly depend on what else the machine
+    runs, wall-clock seconds do."""
+    first_loss = [side.step() for side in sides]
+    for _ in range(warmup - 1):
+        for side in sides:
+            side.step()
+    seconds, cpu = [[] for _ in sides], [[] for _ in sides]
+    for _ in range(steps):
+        for i, side in enumerate(sides):
+            t0, c0 = time.perf_counter(), time.process_time()
+            side.step()
+            seconds[i].append(time.perf_counter() - t0)
+            cpu[i].append(time.process_time() - c0)
+    return seconds, cpu, first_loss
+
+
+# ------------------------------------------------------------------------------------ TP=2 worker
+
+
+def tp_worker(args) -> None:
+    """Under torchrun: time the actor at --worker-tp; global rank 0 writes --worker-out (JSON)."""
+    hf_dir, data_dir = Path(args.worker_hf_dir), Path(args.worker_data_dir)
+    batches, _ = make_batch(hf_dir, data_dir, args.sequences, args.seq_len, args.micro_batch_size, args.fps)
+    side = MegatronSide(hf_dir, batches, tp=args.worker_tp, steps_hint=args.warmup + args.steps + 1)
+    (seconds,), (cpu,), (loss,) = time_alternating([side], args.warmup, args.steps)
+    every: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, cpu)
+    if torch.distributed.get_rank() == 0:
+        Path(args.worker_out).write_text(json.dumps({"seconds": seconds, "cpu_seconds": [sum(x) for x in zip(*every)],
+                                                     "first_loss": loss, "threads": torch.get_num_threads()}))
+
+
+def run_tp2(args, hf_dir: Path, data_dir: Path) -> dict:
+    with tempfile.TemporaryDirectory(prefix="megavrl-bench-actor-tp2-") as tmp:
+        out = Path(tmp) / "tp2.json"
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+        env["OMP_NUM_THREADS"] = "1"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "bench.bench_actor_step", "--worker-tp", "2", "--worker-out", str(out),
+               "--worker-hf-dir", str(hf_dir), "--worker-data-dir", str(data_dir),
+               "--sequences", str(args.sequences), "--seq-len", str(args.seq_len),
+               "--micro-batch-size", str(args.micro_batch_size), "--fps", str(args.fps),
+               "--warmup", str(args.warmup), "--steps", str(args.steps)]
+        subprocess.run(cmd, check=True, env=env, cwd=Path(__file__).resolve().parent.parent)
+        return json.loads(out.read_text())
+
+
+# ------------------------------------------------------------------------------------ CPU bench
+
+
+def bench_cpu(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    figures, config = [], {**{k: v for k, v in vars(args).items() if not k.startswith("worker")},
+                           "lr": LR, **ADAM, "clip_grad": CLIP_GRAD, "dtype": "float32"}
+    with tempfile.TemporaryDirectory(prefix="megavrl-bench-actor-") as tmp:
+        data_dir = Path(tmp) / "data"
+        for preset in args.preset:
+            hf_dir = make_model(Path(tmp) / preset, preset)
+            batches, info = make_batch(hf_dir, data_dir, args.sequences, args.seq_len, args.micro_batch_size,
+                                       args.fps)
+            tokens = args.sequences * args.seq_len
+            megatron = MegatronSide(hf_dir, batches, steps_hint=args.warmup + args.steps + 1)
+            hf = TransformersSide(hf_dir, batches)
+            n_params = sum(p.numel() for p in hf.params)
+            (mg_s, hf_s), (mg_cpu, hf_cpu), (mg_loss, hf_loss) = time_alternating([megatron, hf], args.warmup,
+                                                                                   args.steps)
+            print(f"[{preset}] step-1 loss: megatron {mg_loss:.5f}, transformers {hf_loss:.5f}", flush=True)
+            notes = {"preset": preset, "parameters": n_params, "tokens_per_step": tokens, **info,
+                     "torch_threads": torch.get_num_threads(), "transformers_attention": hf.attn,
+                     "step1_loss": {"megatron": mg_loss, "transformers": hf_loss},
+                     "seconds_per_step": {"megatron": mg_s, "transformers": hf_s},
+                     "median_tokens_per_s": {"megatron": tokens / statistics.median(mg_s),
+                                             "transformers": tokens / statistics.median(hf_s)},
+                     "cpu_seconds_per_step": {"megatron": mg_cpu, "transformers": hf_cpu},
+                     "tokens_per_cpu_second": {"megatron": tokens / min(mg_cpu), "transformers": tokens / min(hf_cpu)}}
+            kind = "text only" if args.fps <= 0 else f"video {info['video_tokens']} tokens"
+            figures.append(Figure(f"actor step tokens/s, {preset} ({n_params / 1e6:.1f}M params), {kind}, TP=1",
+                                  tokens / min(mg_s), tokens / min(hf_s), "tokens/s",
+                                  baseline_name="transformers + AdamW", notes=notes))
+            if args.tp2:
+                del megatron
+                tp2 = run_tp2(args, hf_dir, data_dir)
+                figures.append(Figure(f"actor step tokens/s, {preset}, {kind}, TP=2 (2 processes x 1 thread)",
+                                      tokens / min(tp2["seconds"]), tokens / min(hf_s), "tokens/s",
+                                      baseline_name="transformers + AdamW (1 process, "
+                                                    f"{torch.get_num_threads()} threads)",
+                                      notes={"preset": preset, "step1_loss": tp2["first_loss"],
+                                             "seconds_per_step": tp2["seconds"],
+                                             "median_tokens_per_s": tokens / statistics.median(tp2["seconds"]),
+                                             "cpu_seconds_per_step": tp2["cpu_seconds"],
+                                             "tokens_per_cpu_second": tokens / min(tp2["cpu_seconds"])}))
+            del hf
+    name = "actor_step" if args.preset == ["tiny"] else "actor_step_" + "_".join(args.preset)
+    name += "_text_only" if args.fps <= 0 else ""
+    name += f"_{args.threads}thread" if args.threads else ""
+    write_result(name, figures, config=config)
+
+
+# ------------------------------------------------------------------------------------ GPU bench
+
+# Language-model (and vision) sizes of the published Qwen2.5-VL-{3B,7B}-Instruct config.json files.
+_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+               spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+               tokens_per_second=2, in_chans=3, hidden_act="silu")
+_COMMON = dict(model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"], hidden_act="silu",
+               max_position_embeddings=128000, rms_norm_eps=1e-6, rope_theta=1000000.0,
+               rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, bos_token_id=151643,
+               eos_token_id=151645, image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+               vision_end_token_id=151653, torch_dtype="bfloat16")
+PUBLISHED = {
+    "Qwen2.5-VL-3B": dict(_COMMON, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                          num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+                          vision_config=dict(_VISION, out_hidden_size=2048)),
+    "Qwen2.5-VL-7B": dict(_COMMON, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                          num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
+                          vision_config=dict(_VISION, out_hidden_size=3584)),
+}
+
+
+def lm_matmul_params(cfg: dict) -> int:
+    """Parameters of the decoder layers and the output layer (the matmul weights a token passes)."""
+    h, f, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    attn = h * h + 2 * h * kv + (h + 2 * kv) + h * h  # q, k, v (+ biases), o
+    mlp = 3 * h * f
+    return L * (attn + mlp + 2 * h) + h + cfg["vocab_size"] * h  # + norms, final norm, output layer
+
+
+def model_flops(cfg: dict, n_seq: int, seq_len: int) -> float:
+    n = lm_matmul_params(cfg)
+    attention = n_seq * 12 * cfg["num_hidden_layers"] * cfg["hidden_size"] * seq_len ** 2 / 2
+    return 6 * n * n_seq * seq_len + attention
+
+
+@contextmanager
+def random_weights():
+    """MegatronActor without loading safetensors: keep Megatron's random initialisation."""
+    import megavrl.checkpoint.hf_io as hf_io
+
+    saved = hf_io.load_hf_weights
+    hf_io.load_hf_weights = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        hf_io.load_hf_weights = saved
+
+
+def bench_gpu(args) -> None:
+    from megavrl.config import OptimizerConfig
+    from megavrl.parallel.distributed import init_distributed
+    from megavrl.rl.actor import MegatronActor
+
+    init_distributed(tp=1, pp=1)
+    figures = []
+    for name, published in PUBLISHED.items():
+        cfg = dict(published)
+        if args.gpu_num_layers:
+            cfg["num_hidden_layers"] = args.gpu_num_layers
+        for recompute in (False, True):
+            with tempfile.TemporaryDirectory(prefix="megavrl-bench-mfu-") as tmp:
+                (Path(tmp) / "config.json").write_text(json.dumps(cfg))
+                with random_weights():
+                    # Language-model shapes: the vision tower is built but frozen (no grads, no Adam state).
+                    actor = MegatronActor(tmp, tp=1, pp=1, dtype=args.gpu_dtype, recompute=recompute,
+                                          freeze_vision=True, freeze_projector=True,
+                                          optimizer_config=OptimizerConfig(lr=LR), total_steps=1000)
+            for seq_len in args.gpu_seq_lens:
+                n_seq = max(1, args.gpu_tokens_per_step // seq_len)
+                gen = torch.Generator().manual_seed(0)
+                # ordinary tokens only: Qwen's special tokens start at 151643
+                ids = torch.randint(0, min(cfg["vocab_size"], 151643), (1, seq_len), generator=gen).cuda()
+                mb = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                      "position_ids": torch.arange(seq_len, device="cuda").expand(3, 1, seq_len).contiguous(),
+                      "labels": torch.roll(ids, -1, 1), "loss_mask": torch.ones(1, seq_len, device="cuda")}
+                micro = [mb] * n_seq
+                loss_fn = token_mean_ce(n_seq * seq_len)
+                if torch.cuda.is_available():  # (--gpu on a CPU machine: a dry run of this code path)
+                    torch.cuda.reset_peak_memory_stats()
+                try:
+                    for _ in range(args.warmup):
+                        actor.train_step(micro, seq_len, loss_fn)
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    for _ in range(args.steps):
+                        actor.train_step(micro, seq_len, loss_fn)
+                    torch.cuda.synchronize()
+                    seconds = (time.perf_counter() - t0) / args.steps
+                except torch.OutOfMemoryError:
+                    print(f"[{name}] seq {seq_len} recompute={recompute}: out of GPU memory, skipped", flush=True)
+                    torch.cuda.empty_cache()
+                    continue
+                achieved = model_flops(cfg, n_seq, seq_len) / seconds / 1e12
+                figures.append(Figure(
+                    f"MFU {name} LM shapes ({cfg['num_hidden_layers']} layers), seq {seq_len}, "
+                    f"recompute {'on' if recompute else 'off'}", 100 * achieved / args.peak_tflops, 50.0, "% MFU",
+                    baseline_name="DESIGN.md target",
+                    notes={"tflops": achieved, "peak_tflops": args.peak_tflops, "seconds_per_step": seconds,
+                           "sequences_per_step": n_seq, "tokens_per_s": n_seq * seq_len / seconds,
+                           "lm_matmul_params": lm_matmul_params(cfg),
+                           "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30
+                           if torch.cuda.is_available() else None}))
+            del actor
+            torch.cuda.empty_cache()
+    write_result("actor_step_gpu_mfu", figures, config={**{k: v for k, v in vars(args).items() if k.startswith("gpu")},
+                                                        "peak_tflops": args.peak_tflops, "warmup": args.warmup,
+                                                        "steps": args.steps,
+                                                        "formula": "(6*N*T + n_seq*12*L*h*S^2/2) / s / peak"})
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", nargs="+", default=["tiny"], choices=["tiny", "small"],
+                    help="tiny: megavrl's debug model (4M params); small: wider and deeper (SMALL, ~30M)")
+    ap.add_argument("--sequences", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--micro-batch-size", type=int, default=4)
+    ap.add_argument("--fps", type=float, default=2.0,
+                    help="video frames per second sampled (8 s videos); 0: text-only sequences")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads of the TP=1 comparison (0: torch's default, the cores)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--tp2", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the actor at TP=2 under torchrun (default on)")
+    ap.add_argument("--gpu", action="store_true", help="GPU MFU mode (default when CUDA is available)")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
+    ap.add_argument("--gpu-seq-lens", type=int, nargs="+", default=[2048, 4096, 8192])
+    ap.add_argument("--gpu-tokens-per-step", type=int, default=16384)
+    ap.add_argument("--gpu-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--gpu-num-layers", type=int, default=8, help="decoder layers built (0: the published depth)")
+    ap.add_argument("--worker-tp", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-hf-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-data-dir", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker_tp:
+        tp_worker(args)
+    elif args.gpu or torch.cuda.is_available():
+        bench_gpu(args)
+    else:
+        bench_cpu(args)
+
+
+if __name__ == "__main__":
+    main()
