@@ -41,7 +41,9 @@ class MetricsWriter:
     """
 
     def __init__(self, log_dir: str | os.PathLike, console_every: int = 1,
-                 console_keys: list[str] | None = None, enabled: bool | None = None):
+                 console_keys: list[str] | None = None, enabled: bool | None = None, append: bool = False):
+        """append: continue metrics.jsonl (a resumed run); otherwise it starts empty, so a new run
+        in the same directory does not mix its steps with an earlier run's."""
         self.enabled = _is_rank0() if enabled is None else enabled
         self.log_dir = Path(log_dir)
         self.console_every = max(1, console_every)
@@ -54,7 +56,7 @@ class MetricsWriter:
 
             self.log_dir.mkdir(parents=True, exist_ok=True)
             self._tb = SummaryWriter(str(self.log_dir))
-            self._jsonl = open(self.log_dir / "metrics.jsonl", "a", buffering=1)
+            self._jsonl = open(self.log_dir / "metrics.jsonl", "a" if append else "w", buffering=1)
 
     def write(self, step: int, metrics: Mapping[str, object], prefix: str = "") -> None:
         if not self.enabled:

@@ -26,3 +26,14 @@ def test_disabled_writer_writes_nothing(tmp_path):
     w.write(1, {"a": 1.0})
     w.close()
     assert not (tmp_path / "x").exists()
+
+
+def test_a_new_run_starts_metrics_fresh_and_a_resumed_one_appends(tmp_path):
+    with MetricsWriter(tmp_path, enabled=True) as w:
+        w.write(1, {"a": 1.0})
+    with MetricsWriter(tmp_path, enabled=True, append=True) as w:  # resumed
+        w.write(2, {"a": 2.0})
+    assert [r["step"] for r in read_metrics_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+    with MetricsWriter(tmp_path, enabled=True) as w:  # a new run in the same directory
+        w.write(1, {"a": 3.0})
+    assert [r["a"] for r in read_metrics_jsonl(tmp_path / "metrics.jsonl")] == [3.0]

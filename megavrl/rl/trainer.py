@@ -130,10 +130,6 @@ class Trainer:
         if _rank() == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.yaml").write_text(dump_yaml(cfg))
-        self.metrics = MetricsWriter(self.tb_dir, console_every=cfg.logging.log_every, console_keys=[
-            "reward/total", "reward/std", "reward/parse_fail_rate", "loss", "kl_loss", "entropy", "clip_fraction", "grad_norm",
-            "token_mult_prob_error", "response_len/mean", "time/step", "throughput/tokens_per_s"])
-
         t0 = time.perf_counter()
         convention = cfg.data.prompt.rope_convention
         common = dict(dtype=cfg.model.dtype, rope_convention=convention)
@@ -163,8 +159,12 @@ class Trainer:
         # so the training stream depends only on the seed, or on the checkpoint when resuming.
         seed_everything(cfg.trainer.seed)
         reused_engine = _broadcast(engine is not None)
-        if not self._resume() and (reused_engine or cfg.model.megatron_ckpt):
+        resumed = self._resume()
+        if not resumed and (reused_engine or cfg.model.megatron_ckpt):
             self.sync_weights()  # the engine holds other weights than the actor starts from
+        self.metrics = MetricsWriter(self.tb_dir, console_every=cfg.logging.log_every, append=resumed, console_keys=[
+            "reward/total", "reward/std", "reward/parse_fail_rate", "loss", "kl_loss", "entropy", "clip_fraction", "grad_norm",
+            "token_mult_prob_error", "response_len/mean", "time/step", "throughput/tokens_per_s"])
 
     # ------------------------------------------------------------------ construction
     def _tokenizer(self):
