@@ -51,6 +51,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def transformer_engine_available() -> bool:
+    """Transformer Engine layer specs are usable: TE imports and CUDA is there."""
+    import torch
+
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA build
+        return False
+    return torch.cuda.is_available()
+
+
 def check_parallel_sizes(world_size: int, tp: int, pp: int) -> int:
     """Return the data-parallel size, or raise ValueError naming the sizes that do not fit."""
     if tp < 1 or pp < 1:

@@ -20,14 +20,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megavrl.models.qwen2_5_vl.config import Qwen2_5_VLConfigs
-
-
-def transformer_engine_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:  # ImportError, or a broken CUDA build
-        return False
-    return torch.cuda.is_available()
+from megavrl.parallel.distributed import transformer_engine_available
 
 
 def language_layer_spec(use_te: bool | None = None) -> ModuleSpec:

@@ -37,6 +37,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megavrl.log import get_logger
 from megavrl.models.qwen2_5_vl.vision_geometry import VisionGeometry, block_diagonal_mask
+from megavrl.parallel.distributed import transformer_engine_available
 
 log = get_logger(__name__)
 
@@ -165,14 +166,6 @@ def vision_transformer_config(hf_vision_config: Any, *, tensor_model_parallel_si
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
-
-
-def transformer_engine_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:  # ImportError, or a broken CUDA build
-        return False
-    return torch.cuda.is_available()
 
 
 def vision_layer_spec(use_te: bool | None = None) -> ModuleSpec:
