@@ -58,8 +58,7 @@ def run_eval(engine, cfg, builder, out_dir: str | Path, batch_size: int = 64) ->
     if batch:
         flush()
     bar.close()
-    expected = None  # benchmarks are named by task unless records carry a benchmark
-    scored, metrics = evaluate_predictions(records, cfg.reward, expected)
+    scored, metrics = evaluate_predictions(records, cfg.reward)
     paths = write_report(out_dir, scored, metrics)
     flat = flatten_metrics(metrics, prefix="")
     flat = {k.lstrip("/"): v for k, v in flat.items()}

@@ -20,10 +20,10 @@ from typing import Callable
 import torch
 
 from megavrl.log import get_logger
+from megavrl.models.qwen2_5_vl.model import MODEL_INPUTS as MODEL_KEYS
 
 log = get_logger(__name__)
 
-from megavrl.models.qwen2_5_vl.model import MODEL_INPUTS as MODEL_KEYS  # noqa: E402
 
 # loss_fn(batch, logprobs [b, S], entropy [b, S]) -> (loss scalar, metrics dict of floats)
 LossFn = Callable[[dict, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]

@@ -284,8 +284,10 @@ class Trainer:
         if not self.grpo:
             prepared = self._next_prompts(cfg.trainer.prompts_per_step)
             seqs = sft_sequences(prepared, self.tokenizer)
-            return seqs, {"data/skipped": self.dataset.skips.total if hasattr(self.dataset.skips, "total") else 0}
-        return self._grpo_experience()
+            return seqs, {"data/skipped": self.dataset.skips.total}
+        seqs, metrics = self._grpo_experience()
+        metrics["data/skipped"] = self.dataset.skips.total
+        return seqs, metrics
 
     def _grpo_experience(self) -> tuple[list[TrainSequence], dict]:
         from megavrl.rewards import RewardStats
