@@ -40,7 +40,8 @@ def make_hf_dir(out: Path, hidden: int, layers: int, vocab: int, seed: int = 0) 
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
     from megavrl.checkpoint.mapping import to_published
-    from megavrl.checkpoint.safetensors_writer import PlannedTensor, ShardedSafetensorsWriter
+    from megavrl.checkpoint.safetensors_writer import ShardedSafetensorsWriter
+    from megavrl.checkpoint.tensor_spec import TensorSpec
     from megavrl.models.qwen2_5_vl.tiny import TinyPreset, build_config, build_processor, build_tokenizer
 
     preset = TinyPreset(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
@@ -53,7 +54,7 @@ def make_hf_dir(out: Path, hidden: int, layers: int, vocab: int, seed: int = 0) 
         state = Qwen2_5_VLForConditionalGeneration(config).state_dict()
     shapes = {to_published(k): tuple(v.shape) for k, v in state.items()}
     out.mkdir(parents=True)
-    plan = [PlannedTensor(name, shape, torch.bfloat16) for name, shape in shapes.items()]
+    plan = [TensorSpec(name, shape, torch.bfloat16) for name, shape in shapes.items()]
     gen = torch.Generator().manual_seed(seed)
     with ShardedSafetensorsWriter(out, plan, max_shard_bytes=10**9) as writer:
         for t in plan:

@@ -37,6 +37,7 @@ import torch
 from megavrl.checkpoint.manager import MARKER, CheckpointManager, copy_hf_side_files
 from megavrl.checkpoint.mapping import LANGUAGE_PREFIX, VISION_PREFIX
 from megavrl.log import get_logger
+from megavrl.parallel.collectives import all_gather_object, barrier, broadcast_object, global_rank, world_size
 
 log = get_logger(__name__)
 
@@ -119,43 +120,10 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 # ------------------------------------------------------------------------------ distributed bits
 
 
-def _dist():
-    return torch.distributed if torch.distributed.is_available() and torch.distributed.is_initialized() else None
-
-
-def _rank() -> int:
-    d = _dist()
-    return d.get_rank() if d else 0
-
-
-def _barrier() -> None:
-    d = _dist()
-    if d:
-        d.barrier()
-
-
-def _broadcast(value):
-    d = _dist()
-    if not d or d.get_world_size() == 1:
-        return value
-    box = [value]
-    d.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _all_gather(value) -> list:
-    d = _dist()
-    if not d or d.get_world_size() == 1:
-        return [value]
-    out: list = [None] * d.get_world_size()
-    d.all_gather_object(out, value)
-    return out
-
-
 def _agree_on_error(error: BaseException | None) -> None:
     """Raise on every rank if any rank failed, with the first failure's message: a lone rank
     raising would leave the others waiting in a collective."""
-    errors = [e for e in _all_gather(None if error is None else (type(error).__name__, str(error))) if e]
+    errors = [e for e in all_gather_object(None if error is None else (type(error).__name__, str(error))) if e]
     if error is not None:
         raise error
     if errors:
@@ -240,7 +208,7 @@ def _check_hf_tensors(reader, bindings: dict, params: dict, ctx, configs, hf_dir
             missing.append(hf_name)
         elif reader.shape(hf_name) != shape:
             mismatched.append(f"{hf_name}: safetensors hold {reader.shape(hf_name)}, config.json implies {shape}")
-    gathered = _all_gather((sorted(expected), missing, mismatched))
+    gathered = all_gather_object((sorted(expected), missing, mismatched))
     all_expected = set().union(*(set(g[0]) for g in gathered))
     missing = sorted(set().union(*(g[1] for g in gathered)))
     mismatched = sorted(set().union(*(g[2] for g in gathered)))
@@ -332,21 +300,21 @@ def convert_hf_to_megatron(hf_dir: str | os.PathLike, out: str | os.PathLike, tp
     with HFCheckpointReader(hf_dir) as reader:  # headers only: names and shapes
         _agree_on_error(_capture(lambda: _check_hf_tensors(reader, binding_of, params, ctx, configs, hf_dir)))
 
-    tmp = Path(_broadcast(str(_new_tmp_dir(out)) if _rank() == 0 else None))
-    if _rank() == 0:
+    tmp = Path(broadcast_object(str(_new_tmp_dir(out)) if global_rank() == 0 else None))
+    if global_rank() == 0:
         (tmp / "dist").mkdir(parents=True)
-    _barrier()
+    barrier()
     try:
         sharded = model.sharded_state_dict()
         factories = {k: v for k, v in sharded.items() if isinstance(v, ShardedTensorFactory)}
         materialise = _megatron_source(binding_of, params, factories, hf_dir, layout.tp_rank, ctx)
-        bar = _progress(0, f"hf->megatron tp={tp} pp={pp} (rank 0's shards)", progress and _rank() == 0)
+        bar = _progress(0, f"hf->megatron tp={tp} pp={pp} (rank 0's shards)", progress and global_rank() == 0)
         strategy = StreamingSaveStrategy(materialise, progress=bar)
         dist_checkpointing.save(sharded, str(tmp / "dist"), sharded_strategy=strategy)
         bar.close()
-        written = sum(_all_gather(strategy.bytes_written))
-        _barrier()
-        if _rank() == 0:
+        written = sum(all_gather_object(strategy.bytes_written))
+        barrier()
+        if global_rank() == 0:
             kept = copy_hf_side_files(hf_dir, tmp / "hf")
             meta = {"step": 0, "world_size": layout.world_size, "tp": tp, "pp": pp, "dtype": DTYPE_NAMES[target],
                     "source": str(hf_dir.resolve()), "kind": "converted", "model_type": "qwen2_5_vl",
@@ -357,9 +325,9 @@ def convert_hf_to_megatron(hf_dir: str | os.PathLike, out: str | os.PathLike, tp
             log.info("converted %s -> %s (TP %d, PP %d, %s): %.1f MB in %.1f s (%.1f MB/s); kept %s",
                      hf_dir, out, tp, pp, DTYPE_NAMES[target], written / 1e6, secs, written / 1e6 / secs,
                      ", ".join(kept))
-        _barrier()
+        barrier()
     except BaseException:
-        if _rank() == 0:
+        if global_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
@@ -526,7 +494,8 @@ def convert_megatron_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, dtyp
     """
     from megavrl.checkpoint.dist_io import DistCheckpointReader
     from megavrl.checkpoint.mapping import merge_shards
-    from megavrl.checkpoint.safetensors_writer import PlannedTensor, ShardedSafetensorsWriter, parse_size
+    from megavrl.checkpoint.safetensors_writer import ShardedSafetensorsWriter, parse_size
+    from megavrl.checkpoint.tensor_spec import TensorSpec
     from megavrl.models.qwen2_5_vl.config import build_configs
     from megavrl.parallel import init_distributed
 
@@ -540,7 +509,7 @@ def convert_megatron_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, dtyp
             f"{config_from} has no config.json: the checkpoint {ckpt_dir} keeps no HF files (a training checkpoint "
             "saved without them?); pass --hf-config with the HF directory it was trained from")
     _check_out(out, force)
-    if _dist() is not None and _dist().get_world_size() > 1:
+    if world_size() > 1:
         raise RuntimeError("convert_megatron_to_hf runs in one process (it reads any TP/PP layout itself); "
                            "do not start it under torchrun with several processes")
     if not torch.distributed.is_initialized():
@@ -554,7 +523,7 @@ def convert_megatron_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, dtyp
         with DistCheckpointReader(ckpt_dir / "dist") as reader:
             _check_megatron_tensors(reader, sources, configs, ckpt_dir, config_from)
             plan = export_plan(sources, ctx)
-            planned = [PlannedTensor(n, s, target) for _, named in plan for n, s in named]
+            planned = [TensorSpec(n, s, target) for _, named in plan for n, s in named]
             tmp.mkdir(parents=True)
             writer = ShardedSafetensorsWriter(tmp, planned, cap)
             bar = _progress(writer.total_bytes, f"megatron->hf {DTYPE_NAMES[target]}", progress)

@@ -35,13 +35,13 @@ import io
 import json
 import os
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
 
+from megavrl.checkpoint.tensor_spec import TensorSpec
 from megavrl.log import get_logger
 
 log = get_logger(__name__)
@@ -301,22 +301,6 @@ def load_dcp_metadata(dist_dir: str | os.PathLike):
         return _MetadataUnpickler(f).load()
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """A tensor of the checkpoint: its global shape and dtype."""
-
-    key: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        n = torch.tensor([], dtype=self.dtype).element_size()
-        for s in self.shape:
-            n *= s
-        return n
-
-
 class DistCheckpointReader:
     """Random access to the tensors of a Megatron torch_dist checkpoint directory (its ``dist/``).
 
@@ -340,10 +324,10 @@ class DistCheckpointReader:
                                  f"{SHARDED_BACKEND[0]!r} format is supported")
         self.metadata = load_dcp_metadata(self.dir)
         self._chunks = {}
-        self.tensors: dict[str, TensorInfo] = {}
+        self.tensors: dict[str, TensorSpec] = {}
         for key, md in self.metadata.state_dict_metadata.items():
             if isinstance(md, TensorStorageMetadata):
-                self.tensors[key] = TensorInfo(key, tuple(md.size), md.properties.dtype)
+                self.tensors[key] = TensorSpec(key, tuple(md.size), md.properties.dtype)
                 self._chunks[key] = md.chunks
         self.objects = [k for k in self.metadata.state_dict_metadata if k not in self.tensors]
         self._files: dict[str, Any] = {}

@@ -30,40 +30,12 @@ from typing import Any
 import torch
 
 from megavrl.log import get_logger
+from megavrl.parallel.collectives import barrier, broadcast_object, global_rank, world_size
 
 log = get_logger(__name__)
 
 MARKER = "megavrl_checkpoint.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-def _dist():
-    return torch.distributed if torch.distributed.is_available() and torch.distributed.is_initialized() else None
-
-
-def _rank() -> int:
-    d = _dist()
-    return d.get_rank() if d else 0
-
-
-def _world() -> int:
-    d = _dist()
-    return d.get_world_size() if d else 1
-
-
-def _barrier() -> None:
-    d = _dist()
-    if d:
-        d.barrier()
-
-
-def _broadcast_str(value: str | None) -> str | None:
-    d = _dist()
-    if not d:
-        return value
-    box = [value]
-    d.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 @dataclass
@@ -125,22 +97,22 @@ class CheckpointManager:
         from megatron.core import dist_checkpointing
 
         final = self.root / f"step_{step:08d}"
-        tmp_name = _broadcast_str(f".tmp-step_{step:08d}-{int(time.time() * 1000)}" if _rank() == 0 else None)
+        tmp_name = broadcast_object(f".tmp-step_{step:08d}-{int(time.time() * 1000)}" if global_rank() == 0 else None)
         tmp = self.root / tmp_name
         t0 = time.perf_counter()
-        if _rank() == 0:
+        if global_rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             (tmp / "dist").mkdir(parents=True)
             (tmp / "rank_state").mkdir()
             if hf_files_from is not None:
                 copy_hf_side_files(hf_files_from, tmp / "hf")
-        _barrier()
+        barrier()
         dist_checkpointing.save(sharded_state_dict, str(tmp / "dist"))
         if rank_state is not None:
-            torch.save(rank_state, tmp / "rank_state" / f"rank{_rank():05d}.pt")
-        _barrier()
-        if _rank() == 0:
-            meta = {"step": step, "world_size": _world(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            torch.save(rank_state, tmp / "rank_state" / f"rank{global_rank():05d}.pt")
+        barrier()
+        if global_rank() == 0:
+            meta = {"step": step, "world_size": world_size(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     **(metadata or {})}
             (tmp / MARKER).write_text(json.dumps(meta, indent=2, default=str) + "\n")
             if final.exists():  # a re-save of the same step (e.g. on SIGTERM right after a save)
@@ -148,7 +120,7 @@ class CheckpointManager:
             os.replace(tmp, final)
             self._prune()
             log.info("saved checkpoint %s in %.1f s", final, time.perf_counter() - t0)
-        _barrier()
+        barrier()
         return final
 
     def load(self, path: str | os.PathLike, sharded_state_dict: dict) -> LoadedCheckpoint:
@@ -161,13 +133,13 @@ class CheckpointManager:
         metadata = json.loads((path / MARKER).read_text())
         check_safe_to_load(path / "dist")  # Megatron's loader itself would unpickle without restriction
         state = dist_checkpointing.load(sharded_state_dict, str(path / "dist"))
-        rank_file = path / "rank_state" / f"rank{_rank():05d}.pt"
+        rank_file = path / "rank_state" / f"rank{global_rank():05d}.pt"
         rank_state = None
-        if metadata.get("world_size") == _world() and rank_file.is_file():
+        if metadata.get("world_size") == world_size() and rank_file.is_file():
             rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
-        elif _rank() == 0:
+        elif global_rank() == 0:
             log.warning("checkpoint %s was saved with world size %s, this run has %d: RNG and data "
-                        "positions restart from the seed", path, metadata.get("world_size"), _world())
+                        "positions restart from the seed", path, metadata.get("world_size"), world_size())
         return LoadedCheckpoint(path=path, step=int(metadata["step"]), sharded=state,
                                 rank_state=rank_state, metadata=metadata)
 

@@ -6,7 +6,7 @@ tensor's dtype, shape and byte range, then the raw bytes; knowing every name, sh
 advance (the converter does, from the checkpoint's metadata) the header can be written first and
 each tensor's bytes streamed after it, so memory holds one tensor.
 
-    plan = [PlannedTensor("model.norm.weight", (4096,), torch.bfloat16), ...]
+    plan = [TensorSpec("model.norm.weight", (4096,), torch.bfloat16), ...]
     with ShardedSafetensorsWriter(out_dir, plan, max_shard_bytes=parse_size("5GB")) as w:
         for name, tensor in produce():        # in the order of ``plan``
             w.write(name, tensor)
@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from megavrl.checkpoint.tensor_spec import TensorSpec
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -50,23 +51,9 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-@dataclass(frozen=True)
-class PlannedTensor:
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        n = torch.tensor([], dtype=self.dtype).element_size()
-        for s in self.shape:
-            n *= s
-        return n
-
-
-def plan_shards(tensors: Sequence[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+def plan_shards(tensors: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
     """Greedy, in order: start a new file when the next tensor would overflow the cap."""
-    shards: list[list[PlannedTensor]] = [[]]
+    shards: list[list[TensorSpec]] = [[]]
     size = 0
     for t in tensors:
         if shards[-1] and size + t.nbytes > max_shard_bytes:
@@ -77,7 +64,7 @@ def plan_shards(tensors: Sequence[PlannedTensor], max_shard_bytes: int) -> list[
     return shards if shards[0] else []
 
 
-def _header(shard: Sequence[PlannedTensor], metadata: dict[str, str]) -> bytes:
+def _header(shard: Sequence[TensorSpec], metadata: dict[str, str]) -> bytes:
     header: dict = {"__metadata__": metadata}
     offset = 0
     for t in shard:
@@ -98,7 +85,7 @@ class ShardedSafetensorsWriter:
     ``with`` block without an exception) checks that every tensor came and writes the index.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, plan: Sequence[PlannedTensor], max_shard_bytes: int,
+    def __init__(self, out_dir: str | os.PathLike, plan: Sequence[TensorSpec], max_shard_bytes: int,
                  metadata: dict[str, str] | None = None):
         names = [t.name for t in plan]
         if len(set(names)) != len(names):

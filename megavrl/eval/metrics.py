@@ -50,10 +50,10 @@ sample, of each benchmark's primary metric (``PRIMARY_METRIC``: mIoU for "tvg", 
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from megavrl.log import get_logger
+from megavrl.rewards.iou import as_span, temporal_iou
 
 logger = get_logger(__name__)
 
@@ -84,19 +84,6 @@ TASK_TITLES: dict[str, str] = {"tvg": "Temporal video grounding", "mcq": "Multip
 # ---------------------------------------------------------------------------------------------
 # Overlaps of two spans
 # ---------------------------------------------------------------------------------------------
-def as_span(value: object) -> Optional[Span]:
-    """``value`` as a (start, end) pair of finite floats with start <= end, else None. Never raises."""
-    if value is None or isinstance(value, (str, bytes, Mapping)):
-        return None
-    try:
-        start, end = (float(v) for v in value)  # type: ignore[union-attr]
-    except (TypeError, ValueError, OverflowError):
-        return None
-    if not (math.isfinite(start) and math.isfinite(end)) or start > end:
-        return None
-    return start, end
-
-
 def temporal_iop(pred: object, gt: object) -> float:
     """Intersection over prediction of two (start, end) spans in seconds, as NExT-GQA defines it.
 
@@ -118,8 +105,6 @@ def best_overlap(pred: object, segments: Sequence[Span]) -> tuple[float, float]:
     IoU is ``megavrl.rewards.temporal_iou`` without clipping to a duration. A missing or invalid
     prediction, or no segment, gives (0.0, 0.0).
     """
-    from megavrl.rewards import temporal_iou
-
     span = as_span(pred)
     if span is None or not segments:
         return 0.0, 0.0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Optional, Sequence
 
 
@@ -19,7 +20,7 @@ def temporal_iou(pred: Optional[Sequence[float]], gt: Optional[Sequence[float]],
         |pred ∩ gt| / |pred ∪ gt| in [0, 1], where |pred ∪ gt| = |pred| + |gt| - |pred ∩ gt|;
         0.0 when the union is empty (both spans empty after clipping).
     """
-    a, b = _span(pred), _span(gt)
+    a, b = as_span(pred), as_span(gt)
     if a is None or b is None:
         return 0.0
     upper = math.inf
@@ -37,8 +38,12 @@ def temporal_iou(pred: Optional[Sequence[float]], gt: Optional[Sequence[float]],
     return min(1.0, max(0.0, inter / union))
 
 
-def _span(value: object) -> Optional[tuple[float, float]]:
-    if value is None or isinstance(value, (str, bytes)):
+def as_span(value: object) -> Optional[tuple[float, float]]:
+    """``value`` as a (start, end) pair of finite floats with start <= end, else None. Never raises.
+
+    Strings, bytes and mappings are not spans (iterating them would read characters or keys).
+    """
+    if value is None or isinstance(value, (str, bytes, Mapping)):
         return None
     try:
         start, end = (float(v) for v in value)  # type: ignore[union-attr]

@@ -377,14 +377,15 @@ def test_checkpoint_objects_cannot_run_code(tmp_path):
 def test_safetensors_writer_streams_in_plan_order(tmp_path):
     from safetensors.torch import load_file
 
-    from megavrl.checkpoint.safetensors_writer import PlannedTensor, ShardedSafetensorsWriter, parse_size
+    from megavrl.checkpoint.safetensors_writer import ShardedSafetensorsWriter, parse_size
+    from megavrl.checkpoint.tensor_spec import TensorSpec
 
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size(123) == 123
     with pytest.raises(ValueError, match="cannot read size"):
         parse_size("5 parsecs")
     tensors = {"a": torch.randn(10, 10), "b": torch.arange(6, dtype=torch.int64), "c": torch.randn(30, 10).bfloat16(),
                "d": torch.randn(3)}
-    plan = [PlannedTensor(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+    plan = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
     with ShardedSafetensorsWriter(tmp_path, plan, max_shard_bytes=500) as w:
         with pytest.raises(ValueError, match="plan order"):
             w.write("b", tensors["b"])
