@@ -25,22 +25,13 @@ import torch
 
 from megavrl.config import Config, dump_yaml, to_dict
 from megavrl.log import get_logger
+from megavrl.parallel.collectives import broadcast_object, global_rank
 from megavrl.rl.batch import TrainSequence, collate, padded_length, split_micro_batches
 
 log = get_logger(__name__)
 
 
 # --------------------------------------------------------------------------------- helpers
-
-
-def _broadcast(obj, src: int = 0):
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank()
 
 
 def seed_everything(seed: int) -> None:
@@ -127,7 +118,7 @@ class Trainer:
         self.output_dir = out
         self.ckpt_dir = Path(cfg.checkpoint.dir or out / "checkpoints")
         self.tb_dir = Path(cfg.logging.tensorboard_dir or out / "tensorboard")
-        if _rank() == 0:
+        if global_rank() == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.yaml").write_text(dump_yaml(cfg))
         t0 = time.perf_counter()
@@ -148,8 +139,8 @@ class Trainer:
         self.tokenizer = self._tokenizer()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.dataset = self.data_iter = None
-        self.engine = engine if _rank() == 0 else None
-        if _rank() == 0:
+        self.engine = engine if global_rank() == 0 else None
+        if global_rank() == 0:
             self._build_rank0()
         self.ckpt = CheckpointManager(self.ckpt_dir, keep_last=cfg.checkpoint.keep_last)
         self.step = 0
@@ -158,7 +149,7 @@ class Trainer:
         # Seeded after everything is built (starting vLLM or building models draws random numbers),
         # so the training stream depends only on the seed, or on the checkpoint when resuming.
         seed_everything(cfg.trainer.seed)
-        reused_engine = _broadcast(engine is not None)
+        reused_engine = broadcast_object(engine is not None)
         resumed = self._resume()
         if not resumed and (reused_engine or cfg.model.megatron_ckpt):
             self.sync_weights()  # the engine holds other weights than the actor starts from
@@ -200,7 +191,7 @@ class Trainer:
         state = loaded.rank_state or {}
         if "rng" in state:
             restore_rng_state(state["rng"])
-        if _rank() == 0 and "data" in state:
+        if global_rank() == 0 and "data" in state:
             self.dataset.load_state_dict(state["data"])
             self.data_iter = iter(self.dataset)
         self.nonfinite_total = int(loaded.metadata.get("nonfinite_total", 0))
@@ -244,7 +235,7 @@ class Trainer:
         self.metrics.close()
         summary = {"step": self.step, "interrupted": interrupted, "before": before, "after": after,
                    "tensorboard": str(self.tb_dir), "nonfinite_steps": self.nonfinite_total}
-        if _rank() == 0:
+        if global_rank() == 0:
             self._print_summary(summary)
         return summary
 
@@ -252,8 +243,8 @@ class Trainer:
         timer = PhaseTimer()
         t0 = time.perf_counter()
         with timer("rollout"):
-            payload = self._experience() if _rank() == 0 else None
-            sequences, metrics = _broadcast(payload)
+            payload = self._experience() if global_rank() == 0 else None
+            sequences, metrics = broadcast_object(payload)
         if sequences:
             metrics.update(self._update(sequences, timer))
             if self.grpo:
@@ -336,6 +327,7 @@ class Trainer:
         metrics.update({
             "advantage/mean": float(adv.mean()), "advantage/abs_mean": float(adv.abs().mean()),
             "advantage/zero_variance_groups": int(zero_var.sum()),
+            "reward/group_std": float(totals.std(dim=1, unbiased=False).mean()),
             "response_len/mean": float(lengths.mean()), "response_len/max": float(lengths.max()),
             "response_len/truncated_fraction": truncated / max(1, len(lengths)),
             "prompt_len/mean": sum(p.num_tokens for p in prepared) / len(prepared),
@@ -427,7 +419,7 @@ class Trainer:
         if not (self.grpo or self.cfg.data.val):
             return {}
         stream = self.actor.export_hf_ranks0()
-        if _rank() == 0 and self.engine is not None:
+        if global_rank() == 0 and self.engine is not None:
             stats = self.engine.update_weights(stream)
             return {"weight_sync/seconds": stats.seconds, "weight_sync/mb_per_s": stats.mb_per_s}
         for _ in stream:  # drive the collectives
@@ -440,7 +432,7 @@ class Trainer:
         from megavrl.checkpoint.manager import capture_rng_state, restore_rng_state
 
         state = {"rng": capture_rng_state()}
-        if _rank() == 0 and self.dataset is not None:
+        if global_rank() == 0 and self.dataset is not None:
             state["data"] = self.dataset.state_dict()
         path = self.ckpt.save(self.step, self.actor.sharded_state_dict(), rank_state=state,
                               metadata={"config": to_dict(self.cfg), "nonfinite_total": self.nonfinite_total,
@@ -458,7 +450,7 @@ class Trainer:
         import subprocess
         import sys
 
-        if _rank() == 0:
+        if global_rank() == 0:
             dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(self.cfg.model.dtype, "bf16")
             cmd = [sys.executable, "-m", "megavrl.cli", "convert", "megatron-to-hf", "--ckpt", str(ckpt),
                    "--out", str(out), "--dtype", dtype, "--force"]
@@ -482,14 +474,14 @@ class Trainer:
         if not self.grpo and self.step > 0:  # SFT updates do not stream into the engine each step
             self.sync_weights()
         result = None
-        if _rank() == 0:
+        if global_rank() == 0:
             from megavrl.eval.runner import run_eval
 
             out = Path(self.cfg.eval.output_dir or self.output_dir / "eval") / tag
             result = run_eval(self.engine, self.cfg, self.builder, out)
             self.metrics.write(self.step, {k: v for k, v in result.items() if isinstance(v, (int, float))},
                                prefix="eval/")
-        return _broadcast(result)
+        return broadcast_object(result)
 
     def _print_summary(self, summary: dict) -> None:
         lines = [f"megavrl train: {summary['step']} steps{' (interrupted)' if summary['interrupted'] else ''}"]
