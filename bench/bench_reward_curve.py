@@ -2,8 +2,8 @@
 
 Drives ``megavrl train`` as subprocesses, as examples/demo.sh does: a tiny random Qwen2.5-VL
 (``megavrl make-tiny-model``), synthetic grounding videos (``megavrl data synth --tasks tvg``), a
-short SFT warm start (cross-entropy on the reference answers, exported to HF format), then one
-GRPO run per seed from the SFT model (vLLM rollouts, dual reward: format + temporal IoU, KL to the
+short SFT warm start (cross-entropy on the reference answers, exported to HF format; all three
+from bench/cli_runs.py's cache, shared with bench_data_efficiency), then one GRPO run per seed from the SFT model (vLLM rollouts, dual reward: format + temporal IoU, KL to the
 reference; examples/configs/tiny_cpu_tvg.yaml with the overrides below; no evaluation runs). Each
 run's ``tensorboard/metrics.jsonl`` gives ``reward/total`` (the mean over the step's n rollouts of
 each prompt, before that step's update) and its components ``reward/tvg/format`` and
@@ -19,7 +19,7 @@ Writes
 
 Modes
   --quick (default): 2 seeds x 10 GRPO steps (lr 1e-4), one shared SFT warm start of 80 steps:
-                     about 6 minutes on 2 CPU cores.
+                     about 5 minutes on 2 CPU cores, 2.5 more if the warm start is not cached.
   --full:            5 seeds x 30 GRPO steps (lr 5e-5), an SFT warm start per seed (so the spread
                      includes the warm start): about 35-40 minutes on 2 CPU cores.
   Any setting can be overridden (--seeds, --steps, --sft-steps, --lr, --n, ...); extra
@@ -42,61 +42,25 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import os
 import shutil
 import statistics
-import subprocess
-import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
+from bench.cli_runs import ROOT, WarmStart, read_metrics, train, warm_start
 from bench.common import RESULTS, Figure, write_result
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "examples" / "configs" / "tiny_cpu_tvg.yaml"
 MODES = {
     "quick": dict(seeds=2, steps=10, sft_steps=80, sft_per_seed=False, last=3, lr=1e-4),
     "full": dict(seeds=5, steps=30, sft_steps=80, sft_per_seed=True, last=5, lr=5e-5),
 }
-_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-                  "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
-
-
-def megavrl(args: list[str], log: Path) -> None:
-    """Run one ``megavrl`` command, its output to ``log``; raise with the log's tail on failure."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in _LAUNCHER_VARS and not k.startswith(("TORCHELASTIC_", "TORCH_ELASTIC_"))}
-    t0 = time.time()
-    with open(log, "w") as f:
-        rc = subprocess.call([sys.executable, "-m", "megavrl.cli", *args], stdout=f, stderr=subprocess.STDOUT,
-                             env=env, cwd=ROOT)
-    if rc != 0:
-        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
-        raise RuntimeError(f"megavrl {args[0]} exited {rc} (log {log}):\n{tail}")
-    print(f"  {args[0]} -> {log.name} ({time.time() - t0:.0f} s)", flush=True)
-
-
-def train(work: Path, name: str, hf_dir: Path, overrides: list[str]) -> Path:
-    """``megavrl train`` into work/name; returns its metrics.jsonl."""
-    out = work / name
-    shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl is appended to: never mix two runs
-    data = work / "data"
-    megavrl(["train", "--config", str(CONFIG), f"model.hf_dir={hf_dir}",
-             f"data.train=[{{json_path: {data}/train.jsonl, data_folder: {data}, name: synth_train}}]",
-             "data.val=[]", "checkpoint.resume=none", "checkpoint.save_every=0", f"trainer.output_dir={out}",
-             *overrides], work / f"{name}.log")
-    return out / "tensorboard" / "metrics.jsonl"
 
 
 def read_rewards(metrics: Path) -> list[dict]:
-    rows = []
-    for line in metrics.read_text().splitlines():
-        rec = json.loads(line)
-        if "reward/total" in rec:
-            rows.append({"step": rec["step"], "reward": rec["reward/total"], "iou": rec.get("reward/tvg/iou"),
-                         "format": rec.get("reward/tvg/format"), "parse_fail_rate": rec.get("reward/parse_fail_rate")})
-    return rows
+    return [{"step": rec["step"], "reward": rec["reward/total"], "iou": rec.get("reward/tvg/iou"),
+             "format": rec.get("reward/tvg/format"), "parse_fail_rate": rec.get("reward/parse_fail_rate")}
+            for rec in read_metrics(metrics) if "reward/total" in rec]
 
 
 def plot(curves: dict[int, list[dict]], path: Path, title: str) -> None:
@@ -142,10 +106,11 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, help="GRPO learning rate (default: --quick 1e-4, --full 5e-5)")
     ap.add_argument("--n", type=int, default=4, help="rollouts per prompt")
     ap.add_argument("--prompts-per-step", type=int, default=4)
-    ap.add_argument("--videos", type=int, default=48, help="synthetic videos (one grounding row each)")
+    ap.add_argument("--videos", type=int, default=WarmStart.videos,
+                    help="synthetic videos (one grounding row each; a quarter go to val.jsonl)")
     ap.add_argument("--tp", type=int, default=1, help="Megatron TP (1 is the fastest for the tiny model on 2 cores)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench_reward_curve",
-                    help="models, data, runs and logs (emptied first)")
+                    help="GRPO runs and their logs (emptied first; the warm start is cached in runs/bench_cache)")
     ap.add_argument("extra", nargs="*", metavar="key=value", help="after --: overrides for every GRPO run")
     args = ap.parse_args(argv)
     for key, value in MODES[args.mode or "quick"].items():
@@ -159,31 +124,23 @@ def main(argv=None) -> None:
 
     print(f"[reward_curve] {args.mode or 'quick'}: {len(seeds)} seeds x {args.steps} GRPO steps, "
           f"{args.sft_steps} SFT steps{' per seed' if args.sft_per_seed else ''}, work dir {work}", flush=True)
-    megavrl(["make-tiny-model", "--out", str(work / "tiny-hf"), "--preset", "tiny", "--seed", "0", "--force"],
-            work / "make-tiny-model.log")
-    megavrl(["data", "synth", "--out", str(work / "data"), "--tasks", "tvg", "--n", str(args.videos), "--seed", "0"],
-            work / "synth.log")
     common = [f"parallel.tp={args.tp}"]
-    sft = ["algorithm.name=sft", f"trainer.total_steps={args.sft_steps}", f"optimizer.lr={args.sft_lr}",
-           "checkpoint.export_hf_at_end=true"]
     # data.seed: each seed also draws its own prompt order, so that the mean over seeds averages
     # out how hard the prompts of a step happen to be (with one order, every seed dips together).
     grpo = [f"trainer.total_steps={args.steps}", f"optimizer.lr={args.lr}", f"rollout.n={args.n}",
             f"trainer.prompts_per_step={args.prompts_per_step}",
             "checkpoint.export_hf_at_end=false", *args.extra]
+    shared = WarmStart(videos=args.videos, sft_steps=args.sft_steps, sft_lr=args.sft_lr, tp=args.tp)
 
-    def warm_start(seed: int) -> Path:
-        if args.sft_steps <= 0:
-            return work / "tiny-hf"
-        name = f"sft_seed{seed}" if args.sft_per_seed else "sft"
-        if not (work / name / "hf").exists():
-            train(work, name, work / "tiny-hf", [*common, *sft, f"trainer.seed={seed}"])
-        return work / name / "hf"
+    def start_of(seed: int) -> tuple[Path, Path]:
+        """(the GRPO run's initial HF model, its data directory)."""
+        warm = warm_start(replace(shared, sft_seed=seed) if args.sft_per_seed else shared)
+        return warm.sft_hf, warm.data
 
     curves: dict[int, list[dict]] = {}
     for seed in seeds:
-        start = warm_start(seed)
-        curves[seed] = read_rewards(train(work, f"grpo_seed{seed}", start,
+        hf_dir, data = start_of(seed)
+        curves[seed] = read_rewards(train(work, f"grpo_seed{seed}", hf_dir, data,
                                           [*common, *grpo, f"trainer.seed={seed}", f"data.seed={seed}"]))
         rs = curves[seed]
         print(f"  seed {seed}: reward step 1 {rs[0]['reward']:.3f} -> step {rs[-1]['step']} {rs[-1]['reward']:.3f}",

@@ -9,33 +9,34 @@ frames per second of each and their ratio, and writes bench/results/video_prepro
 - megavrl: ``VideoSampler`` (decord, same frames, same resize) then ``preprocess_video``.
 
 Figures (sampled frames per second, median of the rounds; the pipelines run interleaved so that load
-from other processes hits them alike; ratios are medians of per-round ratios):
+from other processes hits them alike; the figures' ratios are of the medians, notes.paired_ratios
+holds the medians of per-round ratios and notes.cpu_ratios the same in CPU seconds):
 
 - ``loader`` (the headline): megavrl's ``VideoTaskDataset`` as training runs it, decoding in its
   two background threads and building full prompts (tokens, M-RoPE ids), against the baseline;
 - ``serial``: one video after another on both sides, decode + preprocess only;
-- ``prompt``: serial, with the text side too (the processor's chat text with the expanded
-  placeholder against ``PromptBuilder.build``).
+- ``prompt`` (printed, and in notes): serial, with the text side too (the processor's chat text
+  with the expanded placeholder against ``PromptBuilder.build``).
 
-Run: ``python bench/bench_video_preprocess.py [--rounds 3] [--quick]``.
+Run: ``python -m bench.bench_video_preprocess [--rounds 3] [--quick]``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from fractions import Fraction
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from bench.common import Figure, write_result  # noqa: E402  (after the path set-up: runnable as a file too)
 
 # (width, height, fps, seconds): common web-video sizes, none on the 28-pixel grid.
 VIDEOS = [(640, 360, 30, 8), (480, 270, 25, 10), (854, 480, 24, 6), (320, 240, Fraction(30000, 1001), 12),
@@ -124,7 +125,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per pipeline (the median counts)")
     parser.add_argument("--quick", action="store_true", help="3 videos, 2 rounds")
-    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "video_preprocess.json"))
+    parser.add_argument("--name", default="video_preprocess", help="result name: bench/results/NAME.json")
     args = parser.parse_args()
 
     import torch
@@ -209,30 +210,23 @@ def main() -> int:
           "per CPU second of the pipeline)")
     print("  pixel_values_videos, video_grid_thw, second_per_grid_ts and input_ids: equal")
 
-    result = {
-        "benchmark": "video decode + preprocess",
-        "figure": round(fps["loader"], 2), "baseline": round(fps["baseline"], 2), "ratio": round(ratio["loader"], 3),
-        "figure_is": "megavrl VideoTaskDataset (2 decoding threads, full prompts) vs qwen-vl-utils + Qwen2_5_VLProcessor",
-        "unit": "sampled frames per second (wall clock, median of interleaved rounds)",
-        "figures": {k: round(v, 2) for k, v in fps.items()},
-        "ratios": {k: round(v, 3) for k, v in ratio.items()},
+    notes = {
+        "paired_ratios": {k: round(v, 3) for k, v in ratio.items()},
         "cpu_ratios": {k: round(v, 3) for k, v in cpu_ratio.items()},
         "wall_seconds": {k: [round(t, 4) for t in v] for k, v in wall.items()},
         "cpu_seconds": {k: [round(t, 4) for t in v] for k, v in cpu.items()},
         "videos": [{"width": w, "height": h, "fps": float(f), "seconds": s} for w, h, f, s in specs],
-        "frames": frames,
-        "pixels_equal": True,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "load_average": round(load, 2), "python": platform.python_version(),
-                    "torch": torch.__version__, "transformers": transformers.__version__},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "frames": frames, "pixels_equal": True, "torch_threads": torch.get_num_threads(),
+        "load_average": round(load, 2), "transformers": transformers.__version__,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    print(f"wrote {args.out}")
+    unit = "sampled frames/s"
+    baseline_name = "qwen-vl-utils + Qwen2_5_VLProcessor"
+    write_result(args.name, [
+        Figure("decode + preprocess + prompt, megavrl dataset loader (2 decoding threads)", fps["loader"],
+               fps["baseline"], unit, baseline_name=baseline_name, notes=notes),
+        Figure("decode + preprocess, megavrl sampler (serial)", fps["serial"], fps["baseline"], unit,
+               baseline_name=baseline_name),
+    ], config={"rounds": rounds, "quick": args.quick})
     return 0
 
 

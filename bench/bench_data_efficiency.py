@@ -1,0 +1,251 @@
+"""Data efficiency: GRPO on the full dataset, a random subset, and the variance-selected subset.
+
+The paper's claim in small (Li et al., 2025, variance-aware data selection): rows on which k
+repeated rollouts of the current policy all score alike give GRPO zero advantages, hence no
+gradient; keeping the rows whose rewards vary most trains as well as the full dataset, and better
+than a random subset of the same size.
+
+Steps (each a ``megavrl`` subprocess; see bench/cli_runs.py):
+  1. warm start, cached and shared with bench_reward_curve: a tiny random Qwen2.5-VL, synthetic
+     grounding videos (train.jsonl, and val.jsonl for evaluation), 80 SFT steps exported to HF;
+  2. ``megavrl select`` with the SFT model: k rollouts per training row (temperature 1), keep the
+     ``--top-fraction`` of rows with the highest reward variance (rows whose k rewards are all
+     equal are dropped first) -> the selected subset, M rows;
+  3. a random subset of the same M rows (``--subset-seed``);
+  4. one GRPO run per (subset, seed) from the SFT model, identical but for ``data.train``: same
+     steps, prompts per step, learning rate, trainer seed and data seed; greedy evaluation on
+     val.jsonl before training, every ``--eval-every`` steps and at the end.
+
+Writes
+  bench/results/data_efficiency.csv   subset, seed, step, train reward, within-group reward std,
+                                      informative groups, eval mIoU and format rate (eval columns
+                                      only at eval steps)
+  bench/results/data_efficiency.png   eval mIoU per eval step; within-group reward std per step
+  bench/results/data_efficiency.json  figures:
+    - final eval mIoU, selected subset vs random subset of the same size (the paper's claim);
+    - final eval mIoU, selected subset vs the full dataset (same quality from less data);
+    - the mean within-group reward std of the training rollouts, selected vs random: the
+      mechanism, measured on the training steps (GRPO learns from the differences between the n
+      responses to one prompt; the selection keeps the prompts where they are largest);
+    notes: per-run curves, the share of informative groups (reward variance > 0) per subset, the
+    selection summary, wall time.
+
+With the grounding reward (format + continuous IoU) a row whose k rewards are all equal is rare
+(none of the 48 rows at k=4 after the warm start, 2026-11-21), so the selection acts through the
+size of the spread, not by dropping dead rows; with a discrete reward (multiple choice) the
+all-equal rows are common and the informative-group share is the figure to watch.
+
+Modes
+  --quick (default): 1 seed, 8 GRPO steps (lr 1e-4, 4 prompts x n=4), k=4, top half of 48 rows,
+                     evaluation on 16 val rows at steps 0, 4 and 8: about 7 minutes on 2 CPU
+                     cores (2.5 more when the warm start is not cached). One seed and 16 val rows
+                     make the eval figures noisy (one val row moves mIoU by up to 6 points): read
+                     them as a smoke test of the pipeline and use --full for the claim.
+  --full:            3 seeds, 20 GRPO steps (lr 5e-5), k=8, eval every 5 steps; figures are means
+                     over seeds: about 45 minutes on 2 CPU cores.
+  Every setting can be overridden (--seeds, --steps, --k, --top-fraction, --lr, ...); extra
+  ``key=value`` arguments after ``--`` go to every GRPO run.
+
+Usage: python -m bench.bench_data_efficiency [--quick | --full] [--seeds N] [--steps N] [-- key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from bench.cli_runs import CONFIG, ROOT, WarmStart, dataset_override, megavrl, read_metrics, train, warm_start
+from bench.common import RESULTS, Figure, write_result
+
+MODES = {
+    "quick": dict(seeds=1, steps=8, eval_every=4, k=4, lr=1e-4),
+    "full": dict(seeds=3, steps=20, eval_every=5, k=8, lr=5e-5),
+}
+SUBSETS = ("selected", "random", "full")
+EVAL_KEY = "eval/synth_val/tvg/mIoU"
+FORMAT_KEY = "eval/synth_val/tvg/format_rate"
+
+
+def select(work: Path, hf_dir: Path, data: Path, k: int, top_fraction: float, seed: int, tp: int) -> dict:
+    """``megavrl select`` on data/train.jsonl; returns its summary (selected.jsonl in work/select)."""
+    out = work / "select"
+    megavrl(["select", "--config", str(CONFIG), "--out", str(out), f"model.hf_dir={hf_dir}",
+             dataset_override("data.train", data / "train.jsonl", data, "synth_train"), "data.val=[]",
+             f"parallel.tp={tp}", f"selection.k={k}", f"selection.top_fraction={top_fraction}",
+             f"selection.seed={seed}"], work / "select.log")
+    return json.loads((out / "summary.json").read_text())
+
+
+def random_subset(data: Path, size: int, seed: int, out: Path) -> Path:
+    """``size`` rows of data/train.jsonl drawn without replacement, in file order."""
+    lines = [line for line in (data / "train.jsonl").read_text().splitlines() if line.strip()]
+    keep = sorted(random.Random(seed).sample(range(len(lines)), size))
+    out.write_text("".join(lines[i] + "\n" for i in keep))
+    return out
+
+
+def curves_of(metrics: Path) -> dict:
+    """Per step: train reward and informative-group share; per eval step: mIoU and format rate."""
+    train_rows, eval_rows = [], []
+    for rec in read_metrics(metrics):
+        if "reward/total" in rec:
+            train_rows.append({"step": rec["step"], "reward": rec["reward/total"],
+                               "group_std": rec["reward/group_std"],
+                               "zero_variance_groups": rec["advantage/zero_variance_groups"]})
+        if EVAL_KEY in rec:
+            eval_rows.append({"step": rec["step"], "miou": rec[EVAL_KEY], "format_rate": rec.get(FORMAT_KEY)})
+    return {"train": train_rows, "eval": eval_rows}
+
+
+def informative_share(curve: dict, prompts_per_step: int) -> float:
+    """Mean over training steps of the share of groups whose rewards vary."""
+    return statistics.fmean(1.0 - r["zero_variance_groups"] / prompts_per_step for r in curve["train"])
+
+
+def plot(runs: dict[tuple[str, int], dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"selected": "tab:green", "random": "tab:orange", "full": "tab:blue"}
+    fig, axes = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    for (subset, seed), curve in sorted(runs.items()):
+        label = subset if seed == min(s for (_, s) in runs) else None
+        axes[0].plot([r["step"] for r in curve["eval"]], [r["miou"] for r in curve["eval"]], marker="o",
+                     color=colors[subset], alpha=0.8, label=label)
+        axes[1].plot([r["step"] for r in curve["train"]], [r["group_std"] for r in curve["train"]],
+                     color=colors[subset], alpha=0.8, label=label)
+    axes[0].set_ylabel("eval mIoU on val (greedy)")
+    axes[1].set_ylabel("within-group reward std\n(training rollouts)")
+    axes[1].set_xlabel("GRPO step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[0].set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="the default")
+    mode.add_argument("--full", dest="mode", action="store_const", const="full")
+    ap.set_defaults(mode="quick")
+    ap.add_argument("--seeds", type=int, help="GRPO seeds per subset (trainer.seed and data.seed)")
+    ap.add_argument("--steps", type=int, help="GRPO steps per run")
+    ap.add_argument("--eval-every", type=int, help="steps between evaluations on val.jsonl")
+    ap.add_argument("--k", type=int, help="rollouts per training row for the selection")
+    ap.add_argument("--top-fraction", type=float, default=0.5,
+                    help="share of the training rows the selection keeps (highest reward variance)")
+    ap.add_argument("--subset-seed", type=int, default=0, help="the random subset's draw")
+    ap.add_argument("--lr", type=float, help="GRPO learning rate (default: --quick 1e-4, --full 5e-5)")
+    ap.add_argument("--n", type=int, default=4, help="rollouts per prompt in GRPO")
+    ap.add_argument("--prompts-per-step", type=int, default=4)
+    ap.add_argument("--tp", type=int, default=1, help="Megatron TP (1 is the fastest for the tiny model on 2 cores)")
+    ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench_data_efficiency",
+                    help="selection, subsets, runs and logs (emptied first; the warm start is cached in "
+                         "runs/bench_cache)")
+    ap.add_argument("extra", nargs="*", metavar="key=value", help="after --: overrides for every GRPO run")
+    args = ap.parse_args(argv)
+    mode_name = args.mode or "quick"
+    for key, value in MODES[mode_name].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    t_start = time.time()
+    work = args.workdir.resolve()
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    seeds = list(range(1, args.seeds + 1))
+    print(f"[data_efficiency] {mode_name}: subsets {', '.join(SUBSETS)} x {len(seeds)} seed(s) x {args.steps} "
+          f"GRPO steps, selection k={args.k}, top {args.top_fraction:g}; work dir {work}", flush=True)
+
+    warm = warm_start(WarmStart(tp=args.tp))
+    summary = select(work, warm.sft_hf, warm.data, args.k, args.top_fraction, args.subset_seed, args.tp)
+    selected = work / "select" / "selected.jsonl"
+    size = sum(1 for line in selected.read_text().splitlines() if line.strip())
+    n_train = sum(1 for line in (warm.data / "train.jsonl").read_text().splitlines() if line.strip())
+    if size == 0:
+        raise SystemExit(f"[data_efficiency] the selection kept no row (summary in {work / 'select'}): "
+                         f"every row's {args.k} rewards were equal; lengthen the warm start or raise --k")
+    subsets = {"selected": selected, "random": random_subset(warm.data, size, args.subset_seed, work / "random.jsonl"),
+               "full": warm.data / "train.jsonl"}
+    print(f"  selected {size} of {n_train} rows ({summary.get('n_all_same_dropped', 0)} had all-equal rewards); "
+          f"random subset of {size}", flush=True)
+
+    grpo = [f"parallel.tp={args.tp}", f"trainer.total_steps={args.steps}", f"trainer.eval_every={args.eval_every}",
+            f"optimizer.lr={args.lr}", f"rollout.n={args.n}", f"trainer.prompts_per_step={args.prompts_per_step}",
+            "eval.max_samples=null", "checkpoint.export_hf_at_end=false", *args.extra]
+    runs: dict[tuple[str, int], dict] = {}
+    for seed in seeds:
+        for subset in SUBSETS:
+            metrics = train(work, f"{subset}_seed{seed}", warm.sft_hf, warm.data,
+                            [*grpo, f"trainer.seed={seed}", f"data.seed={seed}"], train_jsonl=subsets[subset],
+                            val=True)
+            runs[subset, seed] = curve = curves_of(metrics)
+            ev = curve["eval"]
+            print(f"  {subset} seed {seed}: eval mIoU {ev[0]['miou']:.1f} -> {ev[-1]['miou']:.1f}; within-group "
+                  f"reward std {statistics.fmean(r['group_std'] for r in curve['train']):.3f}, informative groups "
+                  f"{informative_share(curve, args.prompts_per_step):.2f}", flush=True)
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / "data_efficiency.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["subset", "seed", "step", "train_reward", "group_reward_std", "informative_groups",
+                         "eval_miou", "eval_format_rate"])
+        for (subset, seed), curve in runs.items():
+            evals = {r["step"]: r for r in curve["eval"]}
+            trains = {r["step"]: r for r in curve["train"]}
+            for step in sorted(set(evals) | set(trains)):
+                t, e = trains.get(step), evals.get(step)
+                writer.writerow([subset, seed, step, t["reward"] if t else "", t["group_std"] if t else "",
+                                 args.prompts_per_step - t["zero_variance_groups"] if t else "",
+                                 e["miou"] if e else "", e["format_rate"] if e else ""])
+
+    def final_miou(subset: str) -> float:
+        return statistics.fmean(runs[subset, s]["eval"][-1]["miou"] for s in seeds)
+
+    def informative(subset: str) -> float:
+        return statistics.fmean(informative_share(runs[subset, s], args.prompts_per_step) for s in seeds)
+
+    def group_std(subset: str) -> float:
+        return statistics.fmean(r["group_std"] for s in seeds for r in runs[subset, s]["train"])
+
+    start_miou = statistics.fmean(runs["full", s]["eval"][0]["miou"] for s in seeds)
+    notes = {"rows_train": n_train, "rows_subset": size, "selection": {k: v for k, v in summary.items()
+                                                                     if not isinstance(v, dict)},
+             "eval_miou_before": start_miou,
+             "eval_miou_final": {s: final_miou(s) for s in SUBSETS},
+             "informative_groups": {s: informative(s) for s in SUBSETS},
+             "group_reward_std": {s: group_std(s) for s in SUBSETS},
+             "curves": {f"{subset}_seed{seed}": curve for (subset, seed), curve in runs.items()},
+             "csv": "bench/results/data_efficiency.csv", "png": "bench/results/data_efficiency.png",
+             "wall_s": round(time.time() - t_start)}
+    title = (f"GRPO data efficiency, synthetic grounding (tiny Qwen2.5-VL, CPU)\n{len(seeds)} seed(s), "
+             f"{args.steps} steps, selected/random: {size} of {n_train} rows (k={args.k})")
+    plot(runs, RESULTS / "data_efficiency.png", title)
+    steps = f"after {args.steps} GRPO steps"
+    figures = [
+        Figure(f"eval mIoU {steps}, variance-selected {size} rows", final_miou("selected"), final_miou("random"),
+               "mIoU", baseline_name=f"random {size} rows", notes=notes),
+        Figure(f"eval mIoU {steps}, variance-selected {size} rows", final_miou("selected"), final_miou("full"),
+               "mIoU", baseline_name=f"full dataset, {n_train} rows"),
+        Figure("within-group reward std of the GRPO rollouts, variance-selected rows", group_std("selected"),
+               group_std("random"), "reward std", baseline_name=f"random {size} rows"),
+    ]
+    write_result("data_efficiency", figures, config={k: (str(v) if isinstance(v, Path) else v)
+                                                      for k, v in vars(args).items()})
+    print(f"[data_efficiency] eval mIoU {start_miou:.1f} before; after {args.steps} steps: "
+          + ", ".join(f"{s} {final_miou(s):.1f}" for s in SUBSETS)
+          + f"; {time.time() - t_start:.0f} s; curves in {RESULTS / 'data_efficiency.png'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Benchmarks that train: drive the ``megavrl`` CLI as subprocesses, as examples/demo.sh does.
+
+``megavrl(args, log)`` runs one command with its output in ``log``; ``train(...)`` runs
+``megavrl train`` on examples/configs/tiny_cpu_tvg.yaml (TP and data overridden) and returns its
+metrics.jsonl; ``warm_start(...)`` builds, or reuses, the tiny random model, the synthetic
+grounding data and an SFT warm start exported to HF format. The warm start is cached under
+runs/bench_cache/ by its settings and a digest of the megavrl sources, so the benchmarks of one
+``make bench`` share it and a code change rebuilds it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "examples" / "configs" / "tiny_cpu_tvg.yaml"
+CACHE = ROOT / "runs" / "bench_cache"
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                  "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+
+
+def megavrl(args: list[str], log: Path) -> None:
+    """Run one ``megavrl`` command, its output to ``log``; raise with the log's tail on failure."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in _LAUNCHER_VARS and not k.startswith(("TORCHELASTIC_", "TORCH_ELASTIC_"))}
+    t0 = time.time()
+    with open(log, "w") as f:
+        rc = subprocess.call([sys.executable, "-m", "megavrl.cli", *args], stdout=f, stderr=subprocess.STDOUT,
+                             env=env, cwd=ROOT)
+    if rc != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"megavrl {args[0]} exited {rc} (log {log}):\n{tail}")
+    print(f"  {args[0]} -> {log} ({time.time() - t0:.0f} s)", flush=True)
+
+
+def dataset_override(key: str, jsonl: Path, data_folder: Path, name: str) -> str:
+    """A ``data.train=[...]`` style override naming one megavrl-format dataset."""
+    return f"{key}=[{{json_path: {jsonl}, data_folder: {data_folder}, format: megavrl, name: {name}}}]"
+
+
+def train(work: Path, name: str, hf_dir: Path, data: Path, overrides: list[str],
+          train_jsonl: Path | None = None, val: bool = False) -> Path:
+    """``megavrl train`` into work/name on data/train.jsonl (or ``train_jsonl``, whose video paths
+    are relative to ``data``); ``val``: evaluate on data/val.jsonl. Returns its metrics.jsonl."""
+    out = work / name
+    shutil.rmtree(out, ignore_errors=True)  # a run directory holds one run's curve, never two
+    megavrl(["train", "--config", str(CONFIG), f"model.hf_dir={hf_dir}",
+             dataset_override("data.train", train_jsonl or data / "train.jsonl", data, name),
+             dataset_override("data.val", data / "val.jsonl", data, "synth_val") if val else "data.val=[]",
+             "checkpoint.resume=none", "checkpoint.save_every=0", f"trainer.output_dir={out}", *overrides],
+            work / f"{name}.log")
+    return out / "tensorboard" / "metrics.jsonl"
+
+
+def read_metrics(metrics: Path) -> list[dict]:
+    """Every record of a run's metrics.jsonl, in order."""
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """Settings of a warm start: model preset and seed, synthetic data, SFT steps and learning rate."""
+
+    videos: int = 64
+    val_fraction: float = 0.25
+    tasks: str = "tvg"
+    data_seed: int = 0
+    preset: str = "tiny"
+    model_seed: int = 0
+    sft_steps: int = 80
+    sft_lr: float = 1e-3
+    sft_seed: int = 1234
+    tp: int = 1
+
+
+@dataclass(frozen=True)
+class WarmPaths:
+    root: Path
+    tiny_hf: Path
+    data: Path
+    sft_hf: Path
+
+
+def _sources_digest() -> str:
+    h = hashlib.sha256()
+    for path in sorted((ROOT / "megavrl").rglob("*.py")) + [CONFIG]:
+        h.update(str(path.relative_to(ROOT)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def warm_start(settings: WarmStart = WarmStart(), cache: Path = CACHE) -> WarmPaths:
+    """The tiny model, synthetic data and SFT model of ``settings``: from the cache when a complete
+    one exists (built in a temporary directory, renamed into place when done), else built now."""
+    key = hashlib.sha256(json.dumps({**asdict(settings), "sources": _sources_digest()},
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    root = cache / f"warm-{key}"
+    paths = WarmPaths(root, root / "tiny-hf", root / "data", root / "sft" / "hf")
+    if (root / "DONE").exists():
+        print(f"  warm start: reusing {root}", flush=True)
+        return paths
+    tmp = cache / f".warm-{key}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    s = settings
+    megavrl(["make-tiny-model", "--out", str(tmp / "tiny-hf"), "--preset", s.preset, "--seed", str(s.model_seed),
+             "--force"], tmp / "make-tiny-model.log")
+    megavrl(["data", "synth", "--out", str(tmp / "data"), "--tasks", s.tasks, "--n", str(s.videos),
+             "--val-fraction", str(s.val_fraction), "--seed", str(s.data_seed)], tmp / "synth.log")
+    if s.sft_steps > 0:
+        train(tmp, "sft", tmp / "tiny-hf", tmp / "data",
+              [f"parallel.tp={s.tp}", "algorithm.name=sft", f"trainer.total_steps={s.sft_steps}",
+               f"optimizer.lr={s.sft_lr}", f"trainer.seed={s.sft_seed}", "checkpoint.export_hf_at_end=true"])
+    else:
+        shutil.copytree(tmp / "tiny-hf", tmp / "sft" / "hf")
+    # The runs wrote absolute paths under tmp; only the HF directories and the data are reused,
+    # and those hold no paths, so the directory can move.
+    (tmp / "settings.json").write_text(json.dumps(asdict(s), indent=2) + "\n")
+    (tmp / "DONE").write_text("")
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(tmp, root)
+    return paths
