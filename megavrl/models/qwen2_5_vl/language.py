@@ -6,10 +6,12 @@ Both use separate norm modules (``input_layernorm``, ``pre_mlp_layernorm``) inst
 norm-fused linears, so the parameter names, and so the one mapping table in
 :mod:`megavrl.checkpoint.mapping`, are the same on both.
 
-Attention masks are explicit, Megatron's convention, True = masked out. Local spec: the full
-bool [B, 1, S, S] of :func:`causal_padding_mask` (causal and padded keys). Transformer Engine
-spec: mask type ``padding_causal`` and the [B, 1, 1, S] key-padding mask of
-:func:`padding_mask` (TE applies causality itself). The TE path has not run yet (no GPU with TE
+Core attention: :class:`~megavrl.models.qwen2_5_vl.sdpa_attention.SDPACoreAttention` (torch's
+fused SDPA) on the local spec, ``TEDotProductAttention`` on the TE spec. Both take mask type
+``padding_causal`` and the [B, 1, 1, S] key-padding mask of :func:`padding_mask` (Megatron's
+convention, True = padded) and apply causality themselves. A spec built on Megatron's own
+``DotProductAttention`` would need the full bool [B, 1, S, S] of :func:`causal_padding_mask`
+instead (:func:`takes_padding_mask` tells which). The TE path has not run yet (no GPU with TE
 was available when it was written): check it with ``megavrl check-parity`` on the first GPU.
 """
 from __future__ import annotations
@@ -42,17 +44,18 @@ def language_layer_spec(use_te: bool | None = None) -> ModuleSpec:
         norm, column, row, core = TENorm, TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
     else:
         from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-        from megatron.core.transformer.dot_product_attention import DotProductAttention
         from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-        norm, column, row, core = WrappedTorchNorm, ColumnParallelLinear, RowParallelLinear, DotProductAttention
+        from megavrl.models.qwen2_5_vl.sdpa_attention import SDPACoreAttention
+
+        norm, column, row, core = WrappedTorchNorm, ColumnParallelLinear, RowParallelLinear, SDPACoreAttention
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.padding_causal if use_te else AttnMaskType.causal},
+                params={"attn_mask_type": AttnMaskType.padding_causal},
                 submodules=SelfAttentionSubmodules(linear_qkv=column, core_attention=core, linear_proj=row,
                                                    q_layernorm=IdentityOp, k_layernorm=IdentityOp),
             ),
@@ -110,10 +113,11 @@ def padding_mask(attention_mask: torch.Tensor | None, seq_len: int, batch: int, 
     return ~attention_mask.bool().view(attention_mask.shape[0], 1, 1, attention_mask.shape[1])
 
 
-def uses_transformer_engine(gpt_model) -> bool:
-    """Whether a built GPTModel's attention is Transformer Engine's (it takes a padding mask)."""
+def takes_padding_mask(gpt_model) -> bool:
+    """Whether a built GPTModel's attention takes the [B, 1, 1, S] key-padding mask of
+    :func:`padding_mask` (SDPACoreAttention, Transformer Engine) rather than the full [B, 1, S, S]
+    mask of :func:`causal_padding_mask` (Megatron's DotProductAttention)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
     layers = gpt_model.decoder.layers
-    if not len(layers):
-        return False
-    core = type(layers[0].self_attention.core_attention)
-    return core.__module__.startswith("megatron.core.extensions.transformer_engine")
+    return not (len(layers) and isinstance(layers[0].self_attention.core_attention, DotProductAttention))

@@ -21,7 +21,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megavrl.models.qwen2_5_vl.config import Qwen2_5_VLConfigs
 from megavrl.models.qwen2_5_vl.language import (build_language_model, causal_padding_mask, padding_mask,
-                                                uses_transformer_engine)
+                                                takes_padding_mask)
 from megavrl.models.qwen2_5_vl.rope_index import get_rope_index
 
 
@@ -67,7 +67,7 @@ class Qwen2_5_VLModel(MegatronModule):
                                                     freeze_projector=freeze_projector)
         self.language_model = build_language_model(configs, pre_process, post_process,
                                                    parallel_output=parallel_output, spec=language_spec)
-        self.te_attention = uses_transformer_engine(self.language_model)
+        self.padding_mask_attention = takes_padding_mask(self.language_model)
         # Megatron's schedules read these from the model.
         self.model_type = self.language_model.model_type
         self.share_embeddings_and_output_weights = self.language_model.share_embeddings_and_output_weights
@@ -134,8 +134,8 @@ class Qwen2_5_VLModel(MegatronModule):
                 labels: torch.Tensor | None = None, runtime_gather_output: bool | None = None,
                 vision_token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, S]; attention_mask [B, S] (1 = real token, HF convention) or a ready
-        Megatron mask (True = masked: [B, 1, S, S] local spec, [B, 1, 1, S] padding for TE),
-        None for no padding; position_ids [3, B, S]
+        Megatron mask (True = masked: the [B, 1, 1, S] key padding of language.padding_mask, or a
+        full [B, 1, S, S] mask, not on the TE spec), None for no padding; position_ids [3, B, S]
         or None to compute them; pixel_values / pixel_values_videos [patches, C*T*P*P] and their
         grid_thw [n, 3] (first stage); second_per_grid_ts [num_videos] seconds per temporal patch.
 
@@ -150,7 +150,7 @@ class Qwen2_5_VLModel(MegatronModule):
         if position_ids is None:
             position_ids = self.position_ids(input_ids, hf_mask, image_grid_thw, video_grid_thw, second_per_grid_ts)
         if attention_mask is None or attention_mask.dim() == 2:
-            make_mask = padding_mask if self.te_attention else causal_padding_mask
+            make_mask = padding_mask if self.padding_mask_attention else causal_padding_mask
             attention_mask = make_mask(hf_mask, seq, batch, device=input_ids.device)
         decoder_input = None
         if self.pre_process:

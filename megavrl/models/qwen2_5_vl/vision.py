@@ -14,10 +14,11 @@ embedding and the norms are replicated. The output is complete (all-reduced) on 
 The tower runs on the first pipeline stage only; its whole input is one sequence (batch 1, in
 Megatron's [s, b, h] layout) of every patch of every image and video of the micro-batch.
 
-Attention segments: on the local spec, block-diagonal boolean masks ([1, 1, S, S], True =
-masked), one for windows and one for frames; with Transformer Engine, packed-sequence ("thd")
-attention with the same boundaries as cu_seqlens. Dense masks cost O(S^2) memory, fine for tests
-and CPU runs; long videos on GPU want the TE path.
+Attention segments: packed-sequence ("thd") boundaries, cu_seqlens of the windows or of the
+frames, which both core attentions of the specs take: SDPACoreAttention (local spec, torch's
+fused SDPA batched over equal-length segments) and Transformer Engine's. Neither builds an
+[S, S] mask. (A spec on Megatron's DotProductAttention gets block-diagonal boolean masks
+[1, 1, S, S] instead: O(S^2) memory and time.)
 """
 from __future__ import annotations
 
@@ -170,7 +171,7 @@ def vision_transformer_config(hf_vision_config: Any, *, tensor_model_parallel_si
 
 def vision_layer_spec(use_te: bool | None = None) -> ModuleSpec:
     """The ``ModuleSpec`` of one vision block: pre-norm self-attention (no mask type: the segments
-    come as a mask or as packed-sequence boundaries) and a gated MLP.
+    come as packed-sequence boundaries) and a gated MLP.
 
     use_te: Transformer Engine modules (GPU); default when it imports and CUDA is available.
     Both variants use separate norm modules so that parameter names are the same
@@ -191,11 +192,12 @@ def vision_layer_spec(use_te: bool | None = None) -> ModuleSpec:
         core_attention = TEDotProductAttention
     else:
         from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-        from megatron.core.transformer.dot_product_attention import DotProductAttention
         from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
+        from megavrl.models.qwen2_5_vl.sdpa_attention import SDPACoreAttention
+
         norm, column, row = WrappedTorchNorm, ColumnParallelLinear, RowParallelLinear
-        core_attention = DotProductAttention
+        core_attention = SDPACoreAttention
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -296,7 +298,8 @@ class Qwen2_5_VisionModel(MegatronModule):
         log.info("vision tower: %d blocks (full attention in %s, else %d-px windows), hidden %d, %d heads over "
                  "TP %d, attention %s%s%s", s.depth, sorted(self.full_attention_layers), s.window_size,
                  s.hidden_size, s.num_heads, config.tensor_model_parallel_size,
-                 "packed (Transformer Engine)" if self.packed_attention else "local with block-diagonal masks",
+                 getattr(_core_attention(spec), "__name__", "custom") + (
+                     " on packed segments" if self.packed_attention else " with block-diagonal masks"),
                  ", encoder frozen" if freeze_vision else "", ", merger frozen" if freeze_projector else "")
 
     def freeze(self, freeze_vision: bool, freeze_projector: bool) -> None:
@@ -372,9 +375,15 @@ def _layer_forward(layer, segments: dict):
     return run
 
 
-def _uses_packed_attention(spec: ModuleSpec) -> bool:
-    """Transformer Engine's attention takes segments as packed-sequence boundaries; the local one
-    only takes a mask."""
+def _core_attention(spec: ModuleSpec) -> type:
     core = spec.submodules.self_attention.submodules.core_attention
-    core = core.module if isinstance(core, ModuleSpec) else core
-    return getattr(core, "__module__", "").startswith("megatron.core.extensions.transformer_engine")
+    return core.module if isinstance(core, ModuleSpec) else core
+
+
+def _uses_packed_attention(spec: ModuleSpec) -> bool:
+    """SDPACoreAttention and Transformer Engine's attention take segments as packed-sequence
+    boundaries; Megatron's DotProductAttention only takes a mask."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    core = _core_attention(spec)
+    return not (isinstance(core, type) and issubclass(core, DotProductAttention))
