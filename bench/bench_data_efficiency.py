@@ -50,7 +50,6 @@ Usage: python -m bench.bench_data_efficiency [--quick | --full] [--seeds N] [--s
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import random
@@ -59,7 +58,8 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.cli_runs import CONFIG, ROOT, WarmStart, dataset_override, megavrl, read_metrics, train, warm_start
+from bench.cli_runs import (CONFIG, ROOT, WarmStart, apply_mode, dataset_override, megavrl, mode_parser,
+                            read_metrics, train, warm_start)
 from bench.common import RESULTS, Figure, write_result
 
 MODES = {
@@ -134,11 +134,7 @@ def plot(runs: dict[tuple[str, int], dict], path: Path, title: str) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="the default")
-    mode.add_argument("--full", dest="mode", action="store_const", const="full")
-    ap.set_defaults(mode="quick")
+    ap = mode_parser(__doc__)
     ap.add_argument("--seeds", type=int, help="GRPO seeds per subset (trainer.seed and data.seed)")
     ap.add_argument("--steps", type=int, help="GRPO steps per run")
     ap.add_argument("--eval-every", type=int, help="steps between evaluations on val.jsonl")
@@ -155,10 +151,8 @@ def main(argv=None) -> None:
                          "runs/bench_cache)")
     ap.add_argument("extra", nargs="*", metavar="key=value", help="after --: overrides for every GRPO run")
     args = ap.parse_args(argv)
-    mode_name = args.mode or "quick"
-    for key, value in MODES[mode_name].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    mode_name = args.mode
+    apply_mode(args, MODES)
     t_start = time.time()
     work = args.workdir.resolve()
     shutil.rmtree(work, ignore_errors=True)

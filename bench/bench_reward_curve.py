@@ -48,7 +48,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.cli_runs import ROOT, WarmStart, read_metrics, train, warm_start
+from bench.cli_runs import ROOT, WarmStart, apply_mode, mode_parser, read_metrics, train, warm_start
 from bench.common import RESULTS, Figure, write_result
 
 MODES = {
@@ -91,11 +91,7 @@ def plot(curves: dict[int, list[dict]], path: Path, title: str) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="the default")
-    mode.add_argument("--full", dest="mode", action="store_const", const="full")
-    ap.set_defaults(mode="quick")
+    ap = mode_parser(__doc__)
     ap.add_argument("--seeds", type=int, help="number of seeds (1, 2, ...)")
     ap.add_argument("--steps", type=int, help="GRPO steps per seed")
     ap.add_argument("--sft-steps", type=int, help="SFT warm-start steps (0: GRPO from the random model)")
@@ -113,16 +109,14 @@ def main(argv=None) -> None:
                     help="GRPO runs and their logs (emptied first; the warm start is cached in runs/bench_cache)")
     ap.add_argument("extra", nargs="*", metavar="key=value", help="after --: overrides for every GRPO run")
     args = ap.parse_args(argv)
-    for key, value in MODES[args.mode or "quick"].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    apply_mode(args, MODES)
     seeds = list(range(1, args.seeds + 1))
     t_start = time.time()
     work = args.workdir.resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
 
-    print(f"[reward_curve] {args.mode or 'quick'}: {len(seeds)} seeds x {args.steps} GRPO steps, "
+    print(f"[reward_curve] {args.mode}: {len(seeds)} seeds x {args.steps} GRPO steps, "
           f"{args.sft_steps} SFT steps{' per seed' if args.sft_per_seed else ''}, work dir {work}", flush=True)
     common = [f"parallel.tp={args.tp}"]
     # data.seed: each seed also draws its own prompt order, so that the mean over seeds averages

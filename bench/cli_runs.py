@@ -9,6 +9,7 @@ runs/bench_cache/ by its settings and a digest of the megavrl sources, so the be
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -24,6 +25,23 @@ CONFIG = ROOT / "examples" / "configs" / "tiny_cpu_tvg.yaml"
 CACHE = ROOT / "runs" / "bench_cache"
 _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
                   "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+
+
+def mode_parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with ``--quick`` (the default) and ``--full`` (``args.mode``)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="the default")
+    mode.add_argument("--full", dest="mode", action="store_const", const="full")
+    ap.set_defaults(mode="quick")
+    return ap
+
+
+def apply_mode(args: argparse.Namespace, modes: dict[str, dict]) -> None:
+    """Fill the options left unset (None) from the chosen mode's defaults."""
+    for key, value in modes[args.mode].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def megavrl(args: list[str], log: Path) -> None:
