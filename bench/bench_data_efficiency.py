@@ -14,7 +14,13 @@ Steps (each a ``megavrl`` subprocess; see bench/cli_runs.py):
   3. a random subset of the same M rows (``--subset-seed``);
   4. one GRPO run per (subset, seed) from the SFT model, identical but for ``data.train``: same
      steps, prompts per step, learning rate, trainer seed and data seed; greedy evaluation on
-     val.jsonl before training, every ``--eval-every`` steps and at the end.
+     val.jsonl before training, every ``--eval-every`` steps and at the end (``megavrl eval``'s
+     lmms-eval mIoU);
+  5. the expected val reward of the SFT model and of each run's final model: ``--eval-k`` sampled
+     responses (temperature 1) per val row, scored with the training reward (format + IoU), mean
+     over rows (``megavrl select`` does the sampling and scoring). Greedy answers of a tiny model
+     hardly move in a few GRPO steps (greedy mIoU over 16 rows changes one row at a time), while
+     the policy's distribution does: this is the figure that sees it.
 
 Writes (--full: data_efficiency_full.*)
   bench/results/data_efficiency.csv   subset, seed, step, train reward, within-group reward std,
@@ -22,12 +28,13 @@ Writes (--full: data_efficiency_full.*)
                                       only at eval steps)
   bench/results/data_efficiency.png   eval mIoU per eval step; within-group reward std per step
   bench/results/data_efficiency.json  figures:
-    - final eval mIoU, selected subset vs random subset of the same size (the paper's claim);
-    - final eval mIoU, selected subset vs the full dataset (same quality from less data);
+    - expected val reward at the end, selected subset vs random subset of the same size (the
+      paper's claim), and vs the full dataset (same quality from less data);
+    - greedy eval mIoU at the end, selected vs random;
     - the mean within-group reward std of the training rollouts, selected vs random: the
       mechanism, measured on the training steps (GRPO learns from the differences between the n
       responses to one prompt; the selection keeps the prompts where they are largest);
-    notes: per-run curves, the share of informative groups (reward variance > 0) per subset, the
+    notes: per-run curves, the expected val reward of the SFT model and its IoU part, the share of informative groups (reward variance > 0) per subset, the
     selection summary, wall time.
 
 With the grounding reward (format + continuous IoU) a row whose k rewards are all equal is rare
@@ -71,14 +78,25 @@ EVAL_KEY = "eval/synth_val/tvg/mIoU"
 FORMAT_KEY = "eval/synth_val/tvg/format_rate"
 
 
-def select(work: Path, hf_dir: Path, data: Path, k: int, top_fraction: float, seed: int, tp: int) -> dict:
-    """``megavrl select`` on data/train.jsonl; returns its summary (selected.jsonl in work/select)."""
-    out = work / "select"
+def select(out: Path, hf_dir: Path, jsonl: Path, data: Path, k: int, seed: int, top_fraction: float | None = None
+           ) -> dict:
+    """``megavrl select`` of ``hf_dir`` on ``jsonl`` (k sampled responses per row, temperature 1, scored
+    with the training reward) into ``out``; returns its summary.json."""
     megavrl(["select", "--config", str(CONFIG), "--out", str(out), f"model.hf_dir={hf_dir}",
-             dataset_override("data.train", data / "train.jsonl", data, "synth_train"), "data.val=[]",
-             f"parallel.tp={tp}", f"selection.k={k}", f"selection.top_fraction={top_fraction}",
-             f"selection.seed={seed}"], work / "select.log")
+             dataset_override("data.train", jsonl, data, "rows"), "data.val=[]", f"selection.k={k}",
+             f"selection.top_fraction={'null' if top_fraction is None else top_fraction}", f"selection.seed={seed}"],
+            out.with_suffix(".log"))
     return json.loads((out / "summary.json").read_text())
+
+
+def sampled_val_reward(out: Path, hf_dir: Path, data: Path, k: int, seed: int) -> dict:
+    """The policy's expected reward on val.jsonl: the mean over val rows of the mean reward of k
+    sampled responses (temperature 1), with its IoU component; ``megavrl select`` does the sampling
+    and scoring (nothing is selected)."""
+    summary = select(out, hf_dir, data / "val.jsonl", data, k, seed)
+    stats = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines() if line.strip()]
+    return {"reward": summary["mean_reward_before"],
+            "iou": statistics.fmean(s["component_mean"].get("iou", 0.0) for s in stats)}
 
 
 def random_subset(data: Path, size: int, seed: int, out: Path) -> Path:
@@ -139,6 +157,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, help="GRPO steps per run")
     ap.add_argument("--eval-every", type=int, help="steps between evaluations on val.jsonl")
     ap.add_argument("--k", type=int, help="rollouts per training row for the selection")
+    ap.add_argument("--eval-k", type=int, default=8,
+                    help="sampled responses per val row for the expected val reward (the headline figures)")
     ap.add_argument("--top-fraction", type=float, default=0.5,
                     help="share of the training rows the selection keeps (highest reward variance)")
     ap.add_argument("--subset-seed", type=int, default=0, help="the random subset's draw")
@@ -162,7 +182,11 @@ def main(argv=None) -> None:
           f"GRPO steps, selection k={args.k}, top {args.top_fraction:g}; work dir {work}", flush=True)
 
     warm = warm_start(WarmStart(tp=args.tp))
-    summary = select(work, warm.sft_hf, warm.data, args.k, args.top_fraction, args.subset_seed, args.tp)
+    summary = select(work / "select", warm.sft_hf, warm.data / "train.jsonl", warm.data, args.k, args.subset_seed,
+                     args.top_fraction)
+    start_val = sampled_val_reward(work / "val_sft", warm.sft_hf, warm.data, args.eval_k, seed=0)
+    print(f"  expected val reward of the SFT model: {start_val['reward']:.3f} (IoU {start_val['iou']:.3f})",
+          flush=True)
     selected = work / "select" / "selected.jsonl"
     size = sum(1 for line in selected.read_text().splitlines() if line.strip())
     n_train = sum(1 for line in (warm.data / "train.jsonl").read_text().splitlines() if line.strip())
@@ -176,7 +200,7 @@ def main(argv=None) -> None:
 
     grpo = [f"parallel.tp={args.tp}", f"trainer.total_steps={args.steps}", f"trainer.eval_every={args.eval_every}",
             f"optimizer.lr={args.lr}", f"rollout.n={args.n}", f"trainer.prompts_per_step={args.prompts_per_step}",
-            "eval.max_samples=null", "checkpoint.export_hf_at_end=false", *args.extra]
+            "eval.max_samples=null", "checkpoint.export_hf_at_end=true", *args.extra]
     runs: dict[tuple[str, int], dict] = {}
     for seed in seeds:
         for subset in SUBSETS:
@@ -184,8 +208,11 @@ def main(argv=None) -> None:
                             [*grpo, f"trainer.seed={seed}", f"data.seed={seed}"], train_jsonl=subsets[subset],
                             val=True)
             runs[subset, seed] = curve = curves_of(metrics)
+            curve["val"] = val = sampled_val_reward(work / f"val_{subset}_seed{seed}", metrics.parents[1] / "hf",
+                                                    warm.data, args.eval_k, seed=0)
             ev = curve["eval"]
-            print(f"  {subset} seed {seed}: eval mIoU {ev[0]['miou']:.1f} -> {ev[-1]['miou']:.1f}; within-group "
+            print(f"  {subset} seed {seed}: expected val reward {start_val['reward']:.3f} -> {val['reward']:.3f}; "
+                  f"greedy eval mIoU {ev[0]['miou']:.1f} -> {ev[-1]['miou']:.1f}; within-group "
                   f"reward std {statistics.fmean(r['group_std'] for r in curve['train']):.3f}, informative groups "
                   f"{informative_share(curve, args.prompts_per_step):.2f}", flush=True)
 
@@ -207,6 +234,9 @@ def main(argv=None) -> None:
     def final_miou(subset: str) -> float:
         return statistics.fmean(runs[subset, s]["eval"][-1]["miou"] for s in seeds)
 
+    def val_reward(subset: str, key: str = "reward") -> float:
+        return statistics.fmean(runs[subset, s]["val"][key] for s in seeds)
+
     def informative(subset: str) -> float:
         return statistics.fmean(informative_share(runs[subset, s], args.prompts_per_step) for s in seeds)
 
@@ -216,6 +246,9 @@ def main(argv=None) -> None:
     start_miou = statistics.fmean(runs["full", s]["eval"][0]["miou"] for s in seeds)
     notes = {"rows_train": n_train, "rows_subset": size, "selection": {k: v for k, v in summary.items()
                                                                      if not isinstance(v, dict)},
+             "expected_val_reward_before": start_val,
+             "expected_val_reward_final": {s: val_reward(s) for s in SUBSETS},
+             "expected_val_iou_final": {s: val_reward(s, "iou") for s in SUBSETS},
              "eval_miou_before": start_miou,
              "eval_miou_final": {s: final_miou(s) for s in SUBSETS},
              "informative_groups": {s: informative(s) for s in SUBSETS},
@@ -227,18 +260,22 @@ def main(argv=None) -> None:
              f"{args.steps} steps, selected/random: {size} of {n_train} rows (k={args.k})")
     plot(runs, RESULTS / f"{stem}.png", title)
     steps = f"after {args.steps} GRPO steps"
+    expected = f"expected val reward ({args.eval_k} samples per row) {steps}, variance-selected {size} rows"
     figures = [
-        Figure(f"eval mIoU {steps}, variance-selected {size} rows", final_miou("selected"), final_miou("random"),
-               "mIoU", baseline_name=f"random {size} rows", notes=notes),
-        Figure(f"eval mIoU {steps}, variance-selected {size} rows", final_miou("selected"), final_miou("full"),
-               "mIoU", baseline_name=f"full dataset, {n_train} rows"),
+        Figure(expected, val_reward("selected"), val_reward("random"), "reward", baseline_name=f"random {size} rows",
+               notes=notes),
+        Figure(expected, val_reward("selected"), val_reward("full"), "reward",
+               baseline_name=f"full dataset, {n_train} rows"),
+        Figure(f"greedy eval mIoU {steps}, variance-selected {size} rows", final_miou("selected"),
+               final_miou("random"), "mIoU", baseline_name=f"random {size} rows"),
         Figure("within-group reward std of the GRPO rollouts, variance-selected rows", group_std("selected"),
                group_std("random"), "reward std", baseline_name=f"random {size} rows"),
     ]
     write_result(stem, figures, config={k: (str(v) if isinstance(v, Path) else v)
                                                       for k, v in vars(args).items()})
-    print(f"[data_efficiency] eval mIoU {start_miou:.1f} before; after {args.steps} steps: "
-          + ", ".join(f"{s} {final_miou(s):.1f}" for s in SUBSETS)
+    print(f"[data_efficiency] expected val reward {start_val['reward']:.3f} before; after {args.steps} steps: "
+          + ", ".join(f"{s} {val_reward(s):.3f}" for s in SUBSETS)
+          + f"; greedy eval mIoU {start_miou:.1f} before, after: " + ", ".join(f"{s} {final_miou(s):.1f}" for s in SUBSETS)
           + f"; {time.time() - t_start:.0f} s; curves in {RESULTS / f'{stem}.png'}", flush=True)
 
 
