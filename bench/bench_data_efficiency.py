@@ -44,12 +44,12 @@ all-equal rows are common and the informative-group share is the figure to watch
 
 Modes
   --quick (default): 1 seed, 8 GRPO steps (lr 1e-4, 4 prompts x n=4), k=4, top half of 48 rows,
-                     evaluation on 16 val rows at steps 0, 4 and 8: about 7 minutes on 2 CPU
-                     cores (2.5 more when the warm start is not cached). One seed and 16 val rows
-                     make the eval figures noisy (one val row moves mIoU by up to 6 points): read
-                     them as a smoke test of the pipeline and use --full for the claim.
+                     greedy evaluation on 16 val rows at steps 0, 4 and 8, expected val
+                     reward from 8 samples per val row: about 10 minutes on 2 CPU cores (1.5 more
+                     when the warm start is not cached). One seed: a smoke test of the pipeline
+                     and a first look; use --full for the claim.
   --full:            3 seeds, 20 GRPO steps (lr 5e-5), k=8, eval every 5 steps; figures are means
-                     over seeds: about 45 minutes on 2 CPU cores.
+                     over seeds: about 40 minutes on 2 CPU cores.
   Every setting can be overridden (--seeds, --steps, --k, --top-fraction, --lr, ...); extra
   ``key=value`` arguments after ``--`` go to every GRPO run.
 
