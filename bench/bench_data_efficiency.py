@@ -21,6 +21,9 @@ Steps (each a ``megavrl`` subprocess; see bench/cli_runs.py):
      over rows (``megavrl select`` does the sampling and scoring). Greedy answers of a tiny model
      hardly move in a few GRPO steps (greedy mIoU over 16 rows changes one row at a time), while
      the policy's distribution does: this is the figure that sees it.
+     Every model is sampled with the same seed (common random numbers): two policies that
+     differ little draw the same responses, so a difference between subsets is the policies',
+     not the draw's (two runs of --full, whose models differed, scored the very same 1.0479).
 
 Writes (--full: data_efficiency_full.*)
   bench/results/data_efficiency.csv   subset, seed, step, train reward, within-group reward std,
