@@ -111,7 +111,7 @@ def random_subset(data: Path, size: int, seed: int, out: Path) -> Path:
 
 
 def curves_of(metrics: Path) -> dict:
-    """Per step: train reward and informative-group share; per eval step: mIoU and format rate."""
+    """Per training step: reward, within-group reward std, zero-variance groups; per eval step: mIoU, format rate."""
     train_rows, eval_rows = [], []
     for rec in read_metrics(metrics):
         if "reward/total" in rec:
