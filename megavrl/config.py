@@ -5,7 +5,8 @@ optimizer, trainer, logging, checkpoint, ...). Loading merges, in order: the dat
 each YAML file, then the command-line overrides (``rollout.n=8 parallel.tp=2``). OmegaConf does
 the typed merge; every failure is re-raised as a :class:`ConfigError` that names the field and
 says how to fix it. :func:`validate` then checks what no single field can: divisibility of the
-world size and the model's heads by the parallel sizes, paths that must exist, value ranges.
+world size and the model's heads by the parallel sizes, paths that must exist, value ranges,
+finite numbers, and token lengths that vLLM can serve (prompt + response <= rollout.max_model_len).
 
 Sections owned by a subsystem are defined next to that subsystem's code (for instance the reward
 weights in :mod:`megavrl.rewards`) and imported here, so each option is declared exactly once.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +24,13 @@ from typing import Any, Optional
 import yaml
 
 from megavrl.data.config import DataConfig
+from megavrl.errors import UserError
 from megavrl.rewards.config import RewardConfig
 from megavrl.rollout.engine import RolloutConfig
 from megavrl.rl.config import GRPOConfig, SelectionConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration that cannot work. The message names the field and the fix."""
 
 
@@ -164,6 +167,14 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        if self.data.prompt.max_prompt_len is None:  # the longest prompt whose response still fits
+            self.data.prompt.max_prompt_len = max(1, self.rollout.max_model_len - self.longest_response())
+
+    def longest_response(self) -> int:
+        """Tokens the engine may generate after a prompt: rollout's or, when larger, eval's."""
+        return max(self.rollout.max_new_tokens, self.eval.max_new_tokens or 0)
+
 
 # ------------------------------------------------------------------------------------ loading
 
@@ -212,10 +223,16 @@ def load_config(files: str | os.PathLike | list = (), overrides: list[str] = (),
     layers: list[tuple[str, dict]] = []
     for path in files:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a directory: give a YAML file")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
             data = yaml.safe_load(path.read_text()) or {}
+        except OSError as e:  # unreadable (permissions), or gone since the check
+            raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text: {e.reason} at byte {e.start}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
@@ -225,6 +242,7 @@ def load_config(files: str | os.PathLike | list = (), overrides: list[str] = (),
         key, value = _parse_override(item)
         layers.append((f"override {item!r}", _nest(key, value)))
     for source, data in layers:
+        _refuse_nonfinite(data, prefix="", source=source)
         try:
             merged = OmegaConf.merge(merged, data)
         except ConfigKeyError as e:
@@ -234,9 +252,11 @@ def load_config(files: str | os.PathLike | list = (), overrides: list[str] = (),
         except OmegaConfBaseException as e:
             raise ConfigError(f"{source}: config field '{_field_path(e)}': {_first_line(e)}") from None
     try:
-        return OmegaConf.to_object(merged)
+        cfg = OmegaConf.to_object(merged)
     except ValueError as e:  # a section's own __post_init__ check; its message names the field
         raise ConfigError(str(e)) from None
+    _refuse_nonfinite(cfg)  # "nan" / "inf" typed as text become floats only in to_object
+    return cfg
 
 
 def to_dict(cfg) -> dict:
@@ -261,6 +281,58 @@ def _positive(name: str, value, allow_zero: bool = False) -> None:
         return
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _nonfinite(tree: Any, prefix: str) -> Optional[tuple[str, float]]:
+    """The dotted path and value of the first NaN/inf float in a nested config (dataclasses,
+    mappings, lists), or None."""
+    if isinstance(tree, float):
+        return None if math.isfinite(tree) else (prefix, tree)
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        items = ((f.name, getattr(tree, f.name)) for f in dataclasses.fields(tree))
+    elif isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        return next((hit for i, v in enumerate(tree) if (hit := _nonfinite(v, f"{prefix}[{i}]"))), None)
+    else:
+        return None
+    return next((hit for k, v in items if (hit := _nonfinite(v, f"{prefix}.{k}" if prefix else str(k)))), None)
+
+
+def _refuse_nonfinite(tree: Any, prefix: str = "", source: str | None = None) -> None:
+    hit = _nonfinite(tree, prefix)
+    if hit is not None:
+        where = f"{source}: " if source else ""
+        raise ConfigError(f"{where}{hit[0]}={hit[1]} must be a finite number (not NaN or infinity)")
+
+
+def validate_lengths(cfg: Config) -> None:
+    """A prompt of ``data.prompt.max_prompt_len`` tokens plus a full response must fit in
+    ``rollout.max_model_len``: vLLM refuses a prompt that fills the context, and stops a response
+    that reaches its end short of ``max_new_tokens`` (a truncated response the reward then scores)."""
+    rollout, prompt_len = cfg.rollout, cfg.data.prompt.max_prompt_len
+    model_len = rollout.max_model_len
+    _positive("rollout.max_model_len", model_len)
+    for name, new in (("rollout.max_new_tokens", rollout.max_new_tokens), ("eval.max_new_tokens", cfg.eval.max_new_tokens)):
+        if new is None:
+            continue
+        _positive(name, new)
+        if new >= model_len:
+            raise ConfigError(f"{name}={new} must be below rollout.max_model_len={model_len} (the prompt needs "
+                              f"room too): raise rollout.max_model_len or lower {name}")
+    if prompt_len is None:  # a Config built without __post_init__'s default (cannot happen via load_config)
+        return
+    if prompt_len >= model_len:
+        raise ConfigError(f"data.prompt.max_prompt_len={prompt_len} is not below rollout.max_model_len={model_len}: "
+                          f"vLLM refuses a prompt that leaves no room for a response; raise rollout.max_model_len "
+                          f"or lower data.prompt.max_prompt_len (unset, it is max_model_len - max_new_tokens)")
+    for name, new in (("rollout.max_new_tokens", rollout.max_new_tokens), ("eval.max_new_tokens", cfg.eval.max_new_tokens)):
+        if new is not None and prompt_len + new > model_len:
+            raise ConfigError(
+                f"data.prompt.max_prompt_len={prompt_len} + {name}={new} = {prompt_len + new} exceeds "
+                f"rollout.max_model_len={model_len}: vLLM would cut the responses to the longest prompts at "
+                f"{model_len - prompt_len} tokens; raise rollout.max_model_len to {prompt_len + new}, lower "
+                f"data.prompt.max_prompt_len to {model_len - new}, or lower {name} to {model_len - prompt_len}")
 
 
 def validate_parallel(parallel: ParallelConfig, world_size: int | None = None) -> None:
@@ -295,6 +367,7 @@ def validate_model_against_parallel(hf_config, tp: int) -> None:
 
 def validate(cfg: Config, world_size: int | None = None, check_paths: bool = True) -> Config:
     """Cross-field checks that no single field can do. Returns ``cfg`` for chaining."""
+    _refuse_nonfinite(cfg)  # first: NaN passes every comparison below
     validate_parallel(cfg.parallel, world_size)
     _choice("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16", "float16"))
     _choice("optimizer.lr_decay_style", cfg.optimizer.lr_decay_style, ("constant", "linear", "cosine"))
@@ -307,6 +380,7 @@ def validate(cfg: Config, world_size: int | None = None, check_paths: bool = Tru
     _positive("trainer.prompts_per_step", cfg.trainer.prompts_per_step)
     _positive("trainer.micro_batch_size", cfg.trainer.micro_batch_size)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    validate_lengths(cfg)
     if cfg.checkpoint.resume not in ("auto", "none") and check_paths and not Path(cfg.checkpoint.resume).exists():
         raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r} does not exist: give an existing "
                           f"checkpoint directory, 'auto' or 'none'")

@@ -98,3 +98,89 @@ def test_subsystem_sections_validate_their_fields():
                             ("selection.top_fraction=1.5", "selection.top_fraction=1.5 must be in")]:
         with pytest.raises(ConfigError, match=match):
             load_config([], [override])
+
+
+@pytest.mark.parametrize("override,field", [
+    ("optimizer.lr=nan", "optimizer.lr=nan"),
+    ("optimizer.min_lr=.nan", "optimizer.min_lr=nan"),
+    ("optimizer.weight_decay=inf", "optimizer.weight_decay=inf"),
+    ("optimizer.adam_eps=-.inf", "optimizer.adam_eps=-inf"),
+    ("optimizer.clip_grad=nan", "optimizer.clip_grad=nan"),
+    ("optimizer.adam_beta1=nan", "optimizer.adam_beta1=nan"),
+    ("optimizer.adam_beta2=inf", "optimizer.adam_beta2=inf"),
+    ("data.timestamp_tolerance=inf", "data.timestamp_tolerance=inf"),
+    ("data.train=[{json_path: a.jsonl, weight: .inf}]", "data.train[0].weight=inf"),
+])
+def test_nonfinite_numbers_are_refused_naming_the_field(override, field):
+    with pytest.raises(ConfigError, match="must be a finite number") as exc:
+        validate(load_config([], [override]), check_paths=False)
+    assert field in str(exc.value)
+
+
+def test_nonfinite_number_set_in_python_is_refused_by_validate():
+    cfg = load_config([])
+    cfg.optimizer.lr = float("nan")
+    with pytest.raises(ConfigError, match=r"optimizer.lr=nan must be a finite number"):
+        validate(cfg, check_paths=False)
+
+
+@pytest.mark.parametrize("overrides,fields", [
+    (["data.video.min_pixels=50000", "data.video.max_pixels=40000"],
+     ["data.video.max_pixels=40000", "data.video.min_pixels=50000"]),
+    (["data.video.min_frames=8", "data.video.max_frames=4"], ["data.video.max_frames=4", "data.video.min_frames=8"]),
+    (["data.video.min_frames=0"], ["data.video.min_frames=0"]),
+    (["data.video.nframes=0"], ["data.video.nframes=0"]),
+])
+def test_video_bounds_out_of_order_are_refused_at_load(overrides, fields):
+    with pytest.raises(ConfigError) as exc:
+        load_config([], overrides)
+    assert all(f in str(exc.value) for f in fields)
+
+
+@pytest.mark.parametrize("overrides,fields", [
+    # a prompt alone as long as the context: vLLM refuses it
+    (["data.prompt.max_prompt_len=4096", "rollout.max_model_len=2048"],
+     ["data.prompt.max_prompt_len=4096", "rollout.max_model_len=2048", "raise rollout.max_model_len"]),
+    (["data.prompt.max_prompt_len=2048", "rollout.max_model_len=2048"], ["data.prompt.max_prompt_len=2048"]),
+    # no room for a prompt at all
+    (["rollout.max_new_tokens=2048", "rollout.max_model_len=2048"],
+     ["rollout.max_new_tokens=2048", "rollout.max_model_len=2048"]),
+    (["eval.max_new_tokens=4096", "rollout.max_model_len=2048"], ["eval.max_new_tokens=4096"]),
+    # the longest prompt plus a full response does not fit: responses would be cut short
+    (["data.prompt.max_prompt_len=2000", "rollout.max_new_tokens=100", "rollout.max_model_len=2048"],
+     ["data.prompt.max_prompt_len=2000", "rollout.max_new_tokens=100", "rollout.max_model_len=2048", "2100"]),
+    (["data.prompt.max_prompt_len=1900", "rollout.max_new_tokens=100", "eval.max_new_tokens=200",
+      "rollout.max_model_len=2048"], ["data.prompt.max_prompt_len=1900", "eval.max_new_tokens=200"]),
+    (["rollout.max_model_len=0"], ["rollout.max_model_len=0"]),
+])
+def test_prompt_and_response_lengths_must_fit_the_context(overrides, fields):
+    with pytest.raises(ConfigError) as exc:
+        validate(load_config([], overrides), check_paths=False)
+    assert all(f in str(exc.value) for f in fields), str(exc.value)
+
+
+def test_unset_prompt_length_is_what_the_context_leaves_after_a_response():
+    cfg = validate(load_config([], ["rollout.max_model_len=1024", "rollout.max_new_tokens=24"]), check_paths=False)
+    assert cfg.data.prompt.max_prompt_len == 1000
+    cfg = validate(load_config([], ["rollout.max_model_len=1024", "rollout.max_new_tokens=24",
+                                    "eval.max_new_tokens=100"]), check_paths=False)
+    assert cfg.data.prompt.max_prompt_len == 924  # eval's responses are the longer ones here
+    validate(load_config([]), check_paths=False)  # the defaults fit
+    validate(load_config([], ["data.prompt.max_prompt_len=1000", "rollout.max_new_tokens=24",
+                              "rollout.max_model_len=1024"]), check_paths=False)  # exactly full is fine
+
+
+def test_example_configs_pass_validation():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parents[1] / "examples" / "configs").glob("*.yaml")):
+        validate(load_config(path), check_paths=False)
+
+
+def test_unreadable_or_directory_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file '.*' is a directory"):
+        load_config(tmp_path)
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"optimizer:\n  lr: \xff\n")
+    with pytest.raises(ConfigError, match=r"config file '.*latin1.yaml' is not UTF-8 text"):
+        load_config(bad)

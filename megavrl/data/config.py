@@ -78,6 +78,25 @@ class VideoConfig:
     total_pixels: int = VIDEO_TOTAL_PIXELS
     decode_threads: int = 1
 
+    def __post_init__(self) -> None:
+        # The sampler checks these too, but only once a dataset is built; here they fail at load.
+        if self.nframes is None and not self.fps > 0:
+            raise ValueError(f"data.video.fps={self.fps} must be > 0 (or set data.video.nframes)")
+        if self.min_frames < 1:
+            raise ValueError(f"data.video.min_frames={self.min_frames} must be >= 1")
+        if self.max_frames < self.min_frames:
+            raise ValueError(f"data.video.max_frames={self.max_frames} is below data.video.min_frames="
+                             f"{self.min_frames}: raise data.video.max_frames or lower data.video.min_frames")
+        if self.nframes is not None and self.nframes < 1:
+            raise ValueError(f"data.video.nframes={self.nframes} must be >= 1 (or None to sample by fps)")
+        if self.min_pixels < 1:
+            raise ValueError(f"data.video.min_pixels={self.min_pixels} must be >= 1")
+        if self.max_pixels < self.min_pixels:
+            raise ValueError(f"data.video.max_pixels={self.max_pixels} is below data.video.min_pixels="
+                             f"{self.min_pixels}: raise data.video.max_pixels or lower data.video.min_pixels")
+        if self.total_pixels < 1:
+            raise ValueError(f"data.video.total_pixels={self.total_pixels} must be >= 1")
+
     def sampler(self, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2) -> VideoSampler:
         return VideoSampler(fps=self.fps, min_frames=self.min_frames, max_frames=self.max_frames,
                             nframes=self.nframes, min_pixels=self.min_pixels, max_pixels=self.max_pixels,

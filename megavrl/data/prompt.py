@@ -68,7 +68,9 @@ class PromptConfig:
             ``{question}``, ``{options}`` (one "(A) text" per line), ``{duration}`` (seconds of the
             shown video or clip), ``{num_options}``.
         max_prompt_len: prompts with more tokens (video tokens included) are skipped with a
-            clear message.
+            clear message. None: in a run config, rollout.max_model_len minus the longest response
+            (rollout.max_new_tokens, or eval.max_new_tokens when larger), the longest prompt whose
+            response still fits (``megavrl.config.Config`` fills it in); standalone, no limit.
         rope_convention: "qwen" (Qwen2.5-VL's own code and vLLM: text after a video resumes at the
             video's largest position + 1) or "transformers" (transformers >= 5.3); see
             ``megavrl.models.qwen2_5_vl.rope_index``. Rollout and trainer must agree.
@@ -77,7 +79,7 @@ class PromptConfig:
 
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     templates: Dict[str, str] = field(default_factory=lambda: dict(DEFAULT_TEMPLATES))
-    max_prompt_len: int = 8192
+    max_prompt_len: Optional[int] = None
     rope_convention: str = "qwen"
     compute_position_ids: bool = True
 
@@ -85,8 +87,8 @@ class PromptConfig:
         missing = [t for t in ("tvg", "mcq", "gqa") if t not in self.templates]
         if missing:
             self.templates = {**DEFAULT_TEMPLATES, **dict(self.templates)}
-        if self.max_prompt_len <= 0:
-            raise ValueError(f"prompt.max_prompt_len={self.max_prompt_len} must be positive")
+        if self.max_prompt_len is not None and self.max_prompt_len <= 0:
+            raise ValueError(f"prompt.max_prompt_len={self.max_prompt_len} must be positive (or None: see PromptConfig)")
         if self.rope_convention not in ("qwen", "transformers"):
             raise ValueError(f"prompt.rope_convention={self.rope_convention!r} is not 'qwen' or 'transformers'")
 
@@ -246,7 +248,7 @@ class PromptBuilder:
         with self._text_lock:
             token_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         total = len(token_ids) - 1 + num_video_tokens
-        if total > self.config.max_prompt_len:
+        if self.config.max_prompt_len is not None and total > self.config.max_prompt_len:
             raise PromptTooLongError(
                 f"prompt of {sample.id!r} has {total} tokens ({num_video_tokens} video tokens for "
                 f"{frames} frames of {height}x{width} + "
