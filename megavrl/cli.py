@@ -4,12 +4,19 @@ Each subcommand lives next to the code it drives, in a ``commands.py`` module ex
 ``register(subparsers)``; that function adds its parser and sets ``func`` to a callable taking the
 parsed arguments and returning an exit code. Modules import heavy libraries (torch, vLLM) inside
 their functions, so ``megavrl --help`` stays instant.
+
+Errors. Bad input (a :class:`megavrl.config.ConfigError`, a :class:`megavrl.errors.UserError`, a
+missing or unreadable file) is reported as one line, ``megavrl <command>: error: <reason>``, with
+exit status 2; ``megavrl --debug <command> ...`` or ``MEGAVRL_DEBUG=1`` adds the traceback. Any
+other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
 # A subcommand appears here when it works end to end.
 COMMAND_MODULES = [
@@ -31,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="RL post-training of video vision-language models (Qwen2.5-VL) on Megatron-Core and vLLM.",
     )
     parser.add_argument("--version", action="version", version=f"megavrl {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the full traceback of an error (also: environment MEGAVRL_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -39,15 +48,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from megavrl.config import ConfigError
+    from megavrl.errors import DEBUG_ENV, UserError, debug_enabled, describe, is_file_error
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.debug:  # torchrun workers started by the command inherit it
+        os.environ[DEBUG_ENV] = "1"
     try:
         return int(args.func(args) or 0)
-    except ConfigError as e:  # a configuration that cannot work: one line, no traceback
-        print(f"megavrl {args.command}: configuration error: {e}", file=sys.stderr)
+    except (ConfigError, UserError, OSError) as e:
+        if isinstance(e, OSError) and not is_file_error(e):
+            raise  # not about a path the user gave (a refused connection ...): keep the traceback
+        if debug_enabled():
+            traceback.print_exc()
+        kind = "configuration error" if isinstance(e, ConfigError) else "error"
+        print(f"megavrl {_command_name(args)}: {kind}: {describe(e)}", file=sys.stderr)
         return 2
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    """``convert megatron-to-hf`` for a nested subcommand, else the command."""
+    sub = getattr(args, "direction", None)
+    return f"{args.command} {sub}" if sub else args.command
 
 
 if __name__ == "__main__":
     sys.exit(main())
+elif __name__ == "__mp_main__":
+    # This module is re-imported under this name in every process that multiprocessing *spawns*
+    # from a megavrl command (vLLM's engine processes). Such a helper must not outlive the command
+    # (a trainer killed with -9 would leave its engine running), and must not be stopped by the
+    # signal that torchrun sends to the worker's process group: the trainer stops it in order.
+    from megavrl.parallel.process_tree import detach_from_job_signals
+
+    detach_from_job_signals()

@@ -63,14 +63,21 @@ def add_megatron_to_hf_parser(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=megatron_to_hf)
 
 
-_EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+# ValueError includes megavrl.errors.UserError (a truncated shard, a corrupt safetensors file ...).
+_EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, KeyError)
 
 
 def _fail(what: str, exc: BaseException) -> int:
-    """One message (from rank 0 under torchrun: every rank fails with the same one), exit code 2."""
-    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    """One line (from rank 0 under torchrun: every rank fails with the same one), exit code 2;
+    the traceback too with ``megavrl --debug`` or MEGAVRL_DEBUG=1."""
+    from megavrl.errors import debug_enabled, describe
+
     if os.environ.get("RANK", "0") == "0":
-        print(f"megavrl convert {what}: {msg}", file=sys.stderr)
+        if debug_enabled():
+            import traceback
+
+            traceback.print_exception(exc)
+        print(f"megavrl convert {what}: error: {describe(exc)}", file=sys.stderr)
     return 2
 
 
@@ -78,13 +85,14 @@ def _precheck_hf_to_megatron(args: argparse.Namespace) -> None:
     """Refuse bad arguments before starting processes (each would print the same error)."""
     from pathlib import Path
 
-    from megavrl.models.qwen2_5_vl.config import TextSizes, check_tp_pp, load_hf_config
+    from megavrl.checkpoint.hf_io import HFCheckpointReader
+    from megavrl.models.qwen2_5_vl.config import TextSizes, check_tp_pp, load_hf_config, require_hf_dir
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
-    if not (Path(args.hf_dir) / "config.json").is_file():
-        raise FileNotFoundError(f"{args.hf_dir} has no config.json: give a Hugging Face Qwen2.5-VL directory")
+    require_hf_dir(args.hf_dir, "--hf-dir")
+    HFCheckpointReader(args.hf_dir).close()  # a missing or truncated safetensors file, named
     check_tp_pp(TextSizes.from_hf(load_hf_config(args.hf_dir)), args.tp, args.pp)
 
 

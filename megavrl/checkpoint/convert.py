@@ -496,14 +496,17 @@ def convert_megatron_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, dtyp
     from megavrl.checkpoint.mapping import merge_shards
     from megavrl.checkpoint.safetensors_writer import ShardedSafetensorsWriter, parse_size
     from megavrl.checkpoint.tensor_spec import TensorSpec
-    from megavrl.models.qwen2_5_vl.config import build_configs
+    from megavrl.models.qwen2_5_vl.config import build_configs, require_hf_dir
     from megavrl.parallel import init_distributed
 
     out = Path(out)
     target = _as_dtype(dtype)
     cap = parse_size(max_shard_size)
     ckpt_dir = resolve_checkpoint(ckpt)
+    DistCheckpointReader(ckpt_dir / "dist").close()  # a damaged checkpoint fails here, before any model is built
     config_from = Path(hf_config) if hf_config is not None else ckpt_dir / "hf"
+    if hf_config is not None:
+        require_hf_dir(hf_config, "--hf-config")
     if not (config_from / "config.json").is_file():
         raise FileNotFoundError(
             f"{config_from} has no config.json: the checkpoint {ckpt_dir} keeps no HF files (a training checkpoint "

@@ -294,11 +294,55 @@ class _MetadataUnpickler(pickle.Unpickler):
 def load_dcp_metadata(dist_dir: str | os.PathLike):
     """The ``torch.distributed.checkpoint`` Metadata of a checkpoint directory, unpickled with an
     allow-list of metadata classes."""
+    from megavrl.errors import UserError, unreadable
+
     path = Path(dist_dir) / ".metadata"
     if not path.is_file():
         raise FileNotFoundError(f"{dist_dir} is not a distributed checkpoint: it has no .metadata file")
-    with open(path, "rb") as f:
-        return _MetadataUnpickler(f).load()
+    try:
+        with open(path, "rb") as f:
+            return _MetadataUnpickler(f).load()
+    except OSError as e:
+        raise unreadable(path, e, "checkpoint metadata") from None
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError) as e:
+        # A truncated pickle ends in EOFError or "pickle data was truncated", a corrupt one in any of
+        # these; the unpickler's own refusal of a class (an unsafe file) stays an UnpicklingError.
+        if isinstance(e, pickle.UnpicklingError) and not _is_corrupt_record(e):
+            raise
+        raise UserError(f"checkpoint metadata {str(path)!r} is truncated or corrupt ({type(e).__name__}: {e}): "
+                        f"the checkpoint {str(Path(dist_dir).parent)!r} is damaged; use another one") from None
+
+
+def _is_corrupt_record(exc: BaseException) -> bool:
+    """torch.load's failures on damaged bytes (not, e.g., running out of memory)."""
+    if isinstance(exc, EOFError):
+        return True
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError):
+        return "truncated" in text or "invalid load key" in text or "could not find MARK" in text
+    return isinstance(exc, RuntimeError) and ("PytorchStreamReader" in text or "zip archive" in text)
+
+
+def check_chunk_files(dist_dir: str | os.PathLike, metadata) -> None:
+    """Raise a :class:`megavrl.errors.UserError` naming the shard file when a ``.distcp`` file the
+    metadata points into is missing or shorter than the bytes recorded for it (a copy or a save
+    cut short). Reading such a shard would fail later with a bare EOFError and no path."""
+    from megavrl.errors import UserError
+
+    dist_dir = Path(dist_dir)
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(needed.items()):
+        path = dist_dir / name
+        if not path.is_file():
+            raise UserError(f"checkpoint {str(dist_dir.parent)!r}: shard file {name!r} is missing from "
+                            f"{str(dist_dir)!r}: the checkpoint is incomplete; use another one")
+        size = path.stat().st_size
+        if size < end:
+            raise UserError(f"checkpoint {str(dist_dir.parent)!r}: shard file {str(path)!r} is truncated "
+                            f"({size} bytes, the metadata records data up to byte {end}): the checkpoint is "
+                            f"damaged; use another one")
 
 
 class DistCheckpointReader:
@@ -323,6 +367,7 @@ class DistCheckpointReader:
                 raise ValueError(f"{self.dir} is a {backend!r} checkpoint; only Megatron's "
                                  f"{SHARDED_BACKEND[0]!r} format is supported")
         self.metadata = load_dcp_metadata(self.dir)
+        check_chunk_files(self.dir, self.metadata)
         self._chunks = {}
         self.tensors: dict[str, TensorSpec] = {}
         for key, md in self.metadata.state_dict_metadata.items():
@@ -359,8 +404,22 @@ class DistCheckpointReader:
             try:
                 out[key] = torch.load(blob, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as e:
+                if _is_corrupt_record(e):
+                    raise self._corrupt(info.relative_path, key, e) from e
                 raise pickle.UnpicklingError(f"{self.dir}: object {key!r} needs arbitrary unpickling, refused: {e}")
+            except (EOFError, RuntimeError) as e:
+                if not _is_corrupt_record(e):
+                    raise
+                raise self._corrupt(info.relative_path, key, e) from e
         return out
+
+    def _corrupt(self, file_name: str, key: str, exc: BaseException):
+        from megavrl.errors import UserError
+
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = f"{type(exc).__name__}: {lines[-1]}" if lines else type(exc).__name__  # torch's last line is the cause
+        return UserError(f"checkpoint {str(self.dir.parent)!r}: shard file {str(self.dir / file_name)!r} holds a "
+                         f"corrupt record for {key!r} ({reason}): the checkpoint is damaged; use another one")
 
     def _load_chunk(self, key: str, offsets: Sequence[int]) -> torch.Tensor:
         from torch.distributed.checkpoint.metadata import MetadataIndex
@@ -372,7 +431,13 @@ class DistCheckpointReader:
         if f is None:
             f = self._files[info.relative_path] = open(self.dir / info.relative_path, "rb", buffering=0)
         # torch.load reads the record straight from the file into the tensor's storage.
-        return torch.load(_FileWindow(f, info.offset, info.length), map_location="cpu", weights_only=True)
+        try:
+            return torch.load(_FileWindow(f, info.offset, info.length), map_location="cpu", weights_only=True)
+        except (EOFError, RuntimeError, pickle.UnpicklingError) as e:
+            # A tensor record is plain torch.save output: failing to load it means damaged bytes.
+            if isinstance(e, RuntimeError) and not _is_corrupt_record(e):
+                raise
+            raise self._corrupt(info.relative_path, key, e) from e
 
     def read(self, key: str, offsets: Sequence[int] | None = None, sizes: Sequence[int] | None = None,
              dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -35,8 +35,6 @@ class HFCheckpointReader:
     """
 
     def __init__(self, hf_dir: str | os.PathLike):
-        from safetensors import safe_open
-
         self.hf_dir = Path(hf_dir)
         index = self.hf_dir / "model.safetensors.index.json"
         if index.is_file():
@@ -47,7 +45,7 @@ class HFCheckpointReader:
             weight_map = None
         if not files:
             raise FileNotFoundError(f"no *.safetensors files in {self.hf_dir}")
-        self._handles = {f: safe_open(str(self.hf_dir / f), framework="pt") for f in files}
+        self._handles = {f: _open_safetensors(self.hf_dir / f) for f in files}
         if weight_map is None:
             weight_map = {k: f for f, h in self._handles.items() for k in h.keys()}
         self._file_of = weight_map
@@ -88,6 +86,25 @@ class HFCheckpointReader:
             return sl[:]
         index = (slice(start, stop),) if dim == 0 else (slice(None),) * dim + (slice(start, stop),)
         return sl[index]
+
+
+def _open_safetensors(path: Path):
+    """``safe_open`` of one file; a missing, unreadable, truncated or corrupt file raises a
+    :class:`megavrl.errors.UserError` naming it (safetensors' own errors do not)."""
+    from safetensors import SafetensorError, safe_open
+
+    from megavrl.errors import UserError, unreadable
+
+    if not path.is_file():
+        raise UserError(f"safetensors file {str(path)!r} does not exist (listed in "
+                        f"{str(path.parent / 'model.safetensors.index.json')!r}?): the model directory is incomplete")
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as e:  # e.g. "Error while deserializing header: incomplete metadata, file not fully covered"
+        raise UserError(f"safetensors file {str(path)!r} is truncated or corrupt ({e}): copy or download it "
+                        f"again") from None
+    except OSError as e:
+        raise unreadable(path, e, "safetensors file") from None
 
 
 def _model_bindings(model, tie_word_embeddings: bool) -> list[tuple[Binding, torch.nn.Parameter]]:

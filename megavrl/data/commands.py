@@ -71,7 +71,13 @@ def _inspect(args: argparse.Namespace) -> int:
     try:
         plan = VideoSampler(**options).plan(args.video, args.start, args.end)
     except (VideoError, ValueError) as exc:
-        print(f"megavrl data inspect: {exc}", file=sys.stderr)
+        from megavrl.errors import debug_enabled
+
+        if debug_enabled():
+            import traceback
+
+            traceback.print_exc()
+        print(f"megavrl data inspect: error: {exc}", file=sys.stderr)
         return 1
     info = plan.summary()
     if args.json:

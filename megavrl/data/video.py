@@ -118,6 +118,9 @@ def smart_nframes(total_frames: int, video_fps: float, fps: float = FPS, min_fra
         n = total_frames / video_fps * fps
         n = min(min(max(n, lo), hi), total_frames)
         n = floor_by_factor(n, frame_factor)
+    if total_frames < frame_factor:
+        raise VideoError(f"the clip has {total_frames} frame{'s' if total_frames != 1 else ''}, fewer than the "
+                         f"{frame_factor} one temporal patch of the vision tower needs", "video_too_short")
     if not (frame_factor <= n <= total_frames):
         raise VideoError(f"cannot sample {n} frames from a clip of {total_frames} frames "
                          f"(need between {frame_factor} and {total_frames})", "video_too_short")
@@ -407,10 +410,13 @@ class VideoSampler:
 
     def plan_info(self, info: VideoInfo, start: Optional[float] = None, end: Optional[float] = None) -> SamplePlan:
         """The sampling plan for a video described by ``info`` (pure arithmetic)."""
-        first, last = clip_frame_range(info.total_frames, info.video_fps, start, end)
-        clip_frames = last - first + 1
-        n = smart_nframes(clip_frames, info.video_fps, fps=self.fps, min_frames=self.min_frames,
-                          max_frames=self.max_frames, nframes=self.nframes, frame_factor=self.temporal_patch_size)
+        try:
+            first, last = clip_frame_range(info.total_frames, info.video_fps, start, end)
+            clip_frames = last - first + 1
+            n = smart_nframes(clip_frames, info.video_fps, fps=self.fps, min_frames=self.min_frames,
+                              max_frames=self.max_frames, nframes=self.nframes, frame_factor=self.temporal_patch_size)
+        except VideoError as exc:  # the arithmetic does not know the file: name it for the skip report
+            raise VideoError(f"video {info.path!r}: {exc}", exc.kind) from None
         plan = SamplePlan(info=info, frame_indices=frame_indices(first, last, n), clip_frames=clip_frames,
                           resized_height=0, resized_width=0, start=start, end=end)
         if info.height and info.width:

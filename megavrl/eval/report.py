@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
@@ -26,9 +26,10 @@ MARKDOWN_FILE = "metrics.md"
 def _write_atomic(path: PathLike, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # Not tempfile.mkstemp: its 0600 would stay on the report; open() follows the umask.
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{time.time_ns()}.tmp"
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "x", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -182,8 +183,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _main(args) -> int:
+    from megavrl.checkpoint.hf_io import HFCheckpointReader
+    from megavrl.errors import UserError
+    from megavrl.models.qwen2_5_vl.config import require_hf_dir
     from megavrl.parallel.launch import ensure_launched
 
+    require_hf_dir(args.hf_dir, "--hf-dir")  # before starting processes, each of which would fail alike
+    HFCheckpointReader(args.hf_dir).close()  # a missing or truncated safetensors file, named
+    if args.video is not None and not os.path.isfile(args.video):
+        raise UserError(f"--video {args.video!r} is not a file")
     launched = ensure_launched(args.tp * args.pp)
     if launched is not None:
         return launched

@@ -25,14 +25,34 @@ SUPPORTED_MODEL_TYPE = "qwen2_5_vl"
 VOCAB_DIVISIBLE_BY = 128  # Megatron's --make-vocab-size-divisible-by default, multiplied by TP
 
 
+def require_hf_dir(path: str | os.PathLike, what: str = "Hugging Face directory") -> None:
+    """Raise a :class:`megavrl.errors.UserError` naming ``what`` unless ``path`` is a local
+    directory with a ``config.json``. Called before transformers sees the path: given a path that
+    does not exist, transformers takes it for a Hub repo id and retries the network for a while."""
+    from pathlib import Path
+
+    from megavrl.errors import UserError
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} {str(path)!r} does not exist: give a Hugging Face Qwen2.5-VL directory "
+                        f"(make a tiny one with `megavrl make-tiny-model --out DIR`)")
+    if not path.is_dir():
+        raise UserError(f"{what} {str(path)!r} is not a directory: give a Hugging Face Qwen2.5-VL directory")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{what} {str(path)!r} has no config.json: give a Hugging Face Qwen2.5-VL directory")
+
+
 def load_hf_config(source: Any):
     """A ``Qwen2_5_VLConfig`` from a HF directory, a config dict, or a config object.
 
-    Refuses any other ``model_type`` with a message naming it.
+    Refuses any other ``model_type`` with a message naming it, and a path that is not a local
+    HF directory (:func:`require_hf_dir`).
     """
     from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(source, (str, os.PathLike)):
+        require_hf_dir(source)
         model_type = _peek_model_type(source)
         if model_type is not None and model_type != SUPPORTED_MODEL_TYPE:
             raise ValueError(f"{source}: config.json has model_type={model_type!r}; megavrl supports "

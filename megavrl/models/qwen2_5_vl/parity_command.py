@@ -7,6 +7,9 @@ Typed in a shell it re-launches itself under torchrun with T * P processes
 from __future__ import annotations
 
 import argparse
+import os
+
+from megavrl.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,8 +41,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_parity(args: argparse.Namespace) -> int:
+    from megavrl.checkpoint.hf_io import HFCheckpointReader
+    from megavrl.models.qwen2_5_vl.config import require_hf_dir
     from megavrl.parallel import ensure_launched
 
+    require_hf_dir(args.hf_dir, "--hf-dir")  # before starting processes, each of which would fail alike
+    HFCheckpointReader(args.hf_dir).close()  # a missing or truncated safetensors file, named
+    if args.video is not None and not os.path.isfile(args.video):
+        raise UserError(f"--video {args.video!r} is not a file")
+    if args.ckpt is not None and not os.path.exists(args.ckpt):
+        raise UserError(f"--ckpt {args.ckpt!r} does not exist: give a megavrl checkpoint directory")
     code = ensure_launched(args.tp * args.pp)
     if code is not None:
         return code

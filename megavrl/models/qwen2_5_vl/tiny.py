@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -253,21 +253,25 @@ def make_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0,
     ``model.*``, ``lm_head.*``); "transformers" as transformers 5 saves them
     (``model.visual.*``, ``model.language_model.*``, ``lm_head.*``). Both load everywhere.
     The directory is built in a temporary sibling and renamed into place, so an interrupted
-    call never leaves a half-written model behind.
+    call never leaves a half-written model behind. Files and directories get the modes the
+    umask gives (0644 / 0755 under umask 022), like any file the user creates.
     """
-    import torch
-    from safetensors.torch import save_file
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
-
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     if layout not in ("published", "transformers"):
         raise ValueError(f"layout must be 'published' or 'transformers', not {layout!r}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output {str(out)!r} exists and is not a directory: choose another --out")
     if out.exists() and any(out.iterdir()):
         if not force:
-            raise FileExistsError(f"{out} exists and is not empty; pass --force to overwrite it")
+            raise FileExistsError(f"output directory {str(out)!r} exists and is not empty: pass --force to "
+                                  f"overwrite it, or choose another --out")
         shutil.rmtree(out)
+    import torch  # after the argument checks, so that a refusal is instant
+    from safetensors.torch import save
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
     p = PRESETS[preset]
     tokenizer = build_tokenizer(p.bpe_vocab_size)
     config = build_config(p, tokenizer)
@@ -281,10 +285,13 @@ def make_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0,
         state = _to_published_layout(state)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    # Not tempfile.mkdtemp (mode 0700) nor safetensors' save_file (0600): plain mkdir and open
+    # follow the umask, so the model is as readable as any other file the user writes.
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.time_ns()}"
+    tmp.mkdir()
     try:
         config.save_pretrained(tmp)
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "model.safetensors").write_bytes(save(state, metadata={"format": "pt"}))
         eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
         GenerationConfig(bos_token_id=eos[1], eos_token_id=eos, pad_token_id=eos[1],
                          do_sample=False).save_pretrained(tmp)
