@@ -74,3 +74,11 @@ def _command_name(args: argparse.Namespace) -> str:
 
 if __name__ == "__main__":
     sys.exit(main())
+elif __name__ == "__mp_main__":
+    # This module is re-imported under this name in every process that multiprocessing *spawns*
+    # from a megavrl command (vLLM's engine processes). Such a helper must not outlive the command
+    # (a trainer killed with -9 would leave its engine running), and must not be stopped by the
+    # signal that torchrun sends to the worker's process group: the trainer stops it in order.
+    from megavrl.parallel.process_tree import detach_from_job_signals
+
+    detach_from_job_signals()

@@ -92,6 +92,12 @@ class TrainerConfig:
     """Steps between evaluations (0: only before and after training)."""
     max_consecutive_nonfinite: int = 3
     """Stop after this many steps in a row whose loss was NaN/inf (each is skipped and counted)."""
+    preemption_grace_s: float = 120.0
+    """Seconds from a stop signal (SIGTERM, SIGINT, SIGHUP, SIGUSR1) to a complete checkpoint. The
+    step in flight is finished, or abandoned if its update has not started, then a checkpoint is
+    written; a process still alive after this many seconds exits without one (the previous
+    checkpoint stays). The launcher passes it to torchrun as --shutdown-timeout; on Slurm keep it
+    below the --signal lead time."""
     output_dir: str = "runs/megavrl"
 
 
@@ -378,6 +384,7 @@ def validate(cfg: Config, world_size: int | None = None, check_paths: bool = Tru
     _positive("optimizer.clip_grad", cfg.optimizer.clip_grad, allow_zero=True)
     _positive("trainer.total_steps", cfg.trainer.total_steps, allow_zero=True)
     _positive("trainer.prompts_per_step", cfg.trainer.prompts_per_step)
+    _positive("trainer.preemption_grace_s", cfg.trainer.preemption_grace_s)
     _positive("trainer.micro_batch_size", cfg.trainer.micro_batch_size)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
     validate_lengths(cfg)

@@ -41,9 +41,13 @@ class MetricsWriter:
     """
 
     def __init__(self, log_dir: str | os.PathLike, console_every: int = 1,
-                 console_keys: list[str] | None = None, enabled: bool | None = None, append: bool = False):
-        """append: continue metrics.jsonl (a resumed run); otherwise it starts empty, so a new run
-        in the same directory does not mix its steps with an earlier run's."""
+                 console_keys: list[str] | None = None, enabled: bool | None = None,
+                 resume_step: int | None = None):
+        """resume_step: the step a resumed run continues from. metrics.jsonl keeps the records up to
+        that step and TensorBoard purges the later ones (``purge_step``), so the steps that an
+        interrupted run logged after its checkpoint are not shown twice. None (a new run): both
+        start empty, so a new run in the same directory does not mix its steps with an earlier
+        run's."""
         self.enabled = _is_rank0() if enabled is None else enabled
         self.log_dir = Path(log_dir)
         self.console_every = max(1, console_every)
@@ -55,8 +59,11 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            self._tb = SummaryWriter(str(self.log_dir))
-            self._jsonl = open(self.log_dir / "metrics.jsonl", "a" if append else "w", buffering=1)
+            jsonl = self.log_dir / "metrics.jsonl"
+            if resume_step is not None:
+                _truncate_jsonl(jsonl, resume_step)
+            self._tb = SummaryWriter(str(self.log_dir), purge_step=(resume_step or 0) + (resume_step is not None))
+            self._jsonl = open(jsonl, "a" if resume_step is not None else "w", buffering=1)
 
     def write(self, step: int, metrics: Mapping[str, object], prefix: str = "") -> None:
         if not self.enabled:
@@ -92,6 +99,24 @@ class MetricsWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the records of steps <= last_step (atomically); a torn last line (a process killed
+    mid-write) is dropped too."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= last_step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def read_metrics_jsonl(path: str | os.PathLike) -> list[dict]:

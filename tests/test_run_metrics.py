@@ -28,12 +28,22 @@ def test_disabled_writer_writes_nothing(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_a_new_run_starts_metrics_fresh_and_a_resumed_one_appends(tmp_path):
+def test_a_new_run_starts_metrics_fresh_and_a_resumed_one_continues_from_its_step(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     with MetricsWriter(tmp_path, enabled=True) as w:
-        w.write(1, {"a": 1.0})
-    with MetricsWriter(tmp_path, enabled=True, append=True) as w:  # resumed
-        w.write(2, {"a": 2.0})
-    assert [r["step"] for r in read_metrics_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+        for step in (1, 2, 3):
+            w.write(step, {"a": float(step)})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "a": 4')  # torn by a kill -9 mid-write
+    with MetricsWriter(tmp_path, enabled=True, resume_step=2) as w:  # resumed from the step-2 checkpoint
+        w.write(3, {"a": 30.0})
+        w.write(4, {"a": 40.0})
+    assert [(r["step"], r["a"]) for r in read_metrics_jsonl(tmp_path / "metrics.jsonl")] == \
+        [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("a")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
     with MetricsWriter(tmp_path, enabled=True) as w:  # a new run in the same directory
         w.write(1, {"a": 3.0})
     assert [r["a"] for r in read_metrics_jsonl(tmp_path / "metrics.jsonl")] == [3.0]

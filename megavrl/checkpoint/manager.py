@@ -45,8 +45,13 @@ class LoadedCheckpoint:
     sharded: dict
     """The state dict returned by dist_checkpointing.load (tensors filled in)."""
     rank_state: dict | None
-    """This rank's own state, or None when the checkpoint was saved with another world size."""
+    """This rank's own state; None when the checkpoint was saved with another parallel layout
+    (then only ``shared_keys`` of rank 0's state, on rank 0)."""
     metadata: dict
+
+    @property
+    def same_layout(self) -> bool:
+        return self.metadata.get("layout") == parallel_layout()
 
 
 class CheckpointManager:
@@ -112,8 +117,8 @@ class CheckpointManager:
             torch.save(rank_state, tmp / "rank_state" / f"rank{global_rank():05d}.pt")
         barrier()
         if global_rank() == 0:
-            meta = {"step": step, "world_size": world_size(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    **(metadata or {})}
+            meta = {"step": step, "world_size": world_size(), "layout": parallel_layout(),
+                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **(metadata or {})}
             (tmp / MARKER).write_text(json.dumps(meta, indent=2, default=str) + "\n")
             if final.exists():  # a re-save of the same step (e.g. on SIGTERM right after a save)
                 shutil.rmtree(final)
@@ -123,8 +128,16 @@ class CheckpointManager:
         barrier()
         return final
 
-    def load(self, path: str | os.PathLike, sharded_state_dict: dict) -> LoadedCheckpoint:
-        """Collectively load ``path`` into the shapes/shardings described by ``sharded_state_dict``."""
+    def load(self, path: str | os.PathLike, sharded_state_dict: dict,
+             shared_keys: tuple[str, ...] = ()) -> LoadedCheckpoint:
+        """Collectively load ``path`` into the shapes/shardings described by ``sharded_state_dict``.
+
+        Sharded tensors (model, optimizer) are resharded to this run's layout by Megatron. Per-rank
+        state (RNG streams) belongs to a position in the (TP, PP, DP) grid: it is restored only when
+        the layout is the one the checkpoint was saved with. ``shared_keys`` name entries of rank
+        0's state that do not depend on the layout (the data stream's position, which rank 0
+        holds); rank 0 gets those back whatever the layout.
+        """
         from megatron.core import dist_checkpointing
 
         from megavrl.checkpoint.dist_io import check_safe_to_load
@@ -133,15 +146,37 @@ class CheckpointManager:
         metadata = json.loads((path / MARKER).read_text())
         check_safe_to_load(path / "dist")  # Megatron's loader itself would unpickle without restriction
         state = dist_checkpointing.load(sharded_state_dict, str(path / "dist"))
-        rank_file = path / "rank_state" / f"rank{global_rank():05d}.pt"
+        saved_layout = metadata.get("layout") or {"world_size": metadata.get("world_size")}
         rank_state = None
-        if metadata.get("world_size") == world_size() and rank_file.is_file():
-            rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
-        elif global_rank() == 0:
-            log.warning("checkpoint %s was saved with world size %s, this run has %d: RNG and data "
-                        "positions restart from the seed", path, metadata.get("world_size"), world_size())
+        if saved_layout == parallel_layout():
+            rank_file = path / "rank_state" / f"rank{global_rank():05d}.pt"
+            if rank_file.is_file():
+                rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+        else:
+            rank0_file = path / "rank_state" / f"rank{0:05d}.pt"
+            if global_rank() == 0 and shared_keys and rank0_file.is_file():
+                rank0 = torch.load(rank0_file, map_location="cpu", weights_only=True)
+                rank_state = {k: rank0[k] for k in shared_keys if k in rank0}
+            if global_rank() == 0:
+                log.warning("checkpoint %s was saved with layout %s, this run has %s: weights and optimizer "
+                            "state are resharded; the per-rank RNG streams restart from the seed%s", path,
+                            _layout_text(saved_layout), _layout_text(parallel_layout()),
+                            f"; kept: {', '.join(shared_keys)}" if shared_keys else "")
         return LoadedCheckpoint(path=path, step=int(metadata["step"]), sharded=state,
                                 rank_state=rank_state, metadata=metadata)
+
+    def remove_stale(self) -> list[Path]:
+        """Remove ``.tmp-step_*`` directories that writers killed mid-save left behind. Call it
+        at the start of a run (rank 0), before this run saves anything."""
+        removed = []
+        for stale in self.root.glob(".tmp-step_*") if self.root.is_dir() else []:
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+                removed.append(stale)
+        if removed:
+            log.info("removed %d incomplete checkpoint(s) left by an interrupted save: %s", len(removed),
+                     ", ".join(p.name for p in removed))
+        return removed
 
     def _prune(self) -> None:
         done = self.complete()
@@ -151,6 +186,26 @@ class CheckpointManager:
         for stale in self.root.glob(".tmp-step_*"):  # left by a run killed while saving
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
+
+
+def parallel_layout() -> dict:
+    """{"world_size", "tp", "pp", "dp"} of this process group (tp = pp = 1 without Megatron groups)."""
+    layout = {"world_size": world_size(), "tp": 1, "pp": 1, "dp": world_size()}
+    try:
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized():
+            layout.update(tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
+                          dp=ps.get_data_parallel_world_size())
+    except ImportError:
+        pass
+    return layout
+
+
+def _layout_text(layout: dict) -> str:
+    if "tp" not in layout:
+        return f"world size {layout.get('world_size')}"
+    return f"TP={layout['tp']} PP={layout['pp']} DP={layout['dp']}"
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")

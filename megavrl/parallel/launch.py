@@ -8,6 +8,7 @@ it returns None and the caller goes on in this process.
 """
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -22,11 +23,15 @@ def cli_argv() -> list[str]:
     return ["-m", "megavrl.cli", *sys.argv[1:]]
 
 
-def ensure_launched(nproc: int, argv: list[str] | None = None) -> int | None:
+def ensure_launched(nproc: int, argv: list[str] | None = None, *, grace_s: float | None = None,
+                    status_file: str | os.PathLike | None = None) -> int | None:
     """Re-execute under torchrun with ``nproc`` processes unless already launched.
 
     argv: what follows ``python`` for one worker, e.g. ``["-m", "megavrl.cli", "check-parity",
         "--tp", "2"]`` or ``["script.py", "--flag"]``; default :func:`cli_argv`.
+    grace_s: seconds torchrun gives its workers to stop after a signal (``--shutdown-timeout``).
+    status_file: the ``run_status.json`` the job writes (training); an interrupted run then exits
+        with :data:`megavrl.rl.preemption.EXIT_INTERRUPTED` (130 after Ctrl-C).
     Returns None when the caller should do the work in this process (under torchrun, or
     nproc == 1), else the exit code of the torchrun job (0 when every worker succeeded).
     """
@@ -34,6 +39,8 @@ def ensure_launched(nproc: int, argv: list[str] | None = None) -> int | None:
         return None
     argv = cli_argv() if argv is None else list(argv)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    if grace_s is not None:
+        cmd += ["--shutdown-timeout", str(max(1, math.ceil(grace_s)))]
     if argv and argv[0] == "-m":  # torchrun runs a module with --module, not python's -m
         cmd += ["--module", *argv[1:]]
     else:
@@ -41,4 +48,115 @@ def ensure_launched(nproc: int, argv: list[str] | None = None) -> int | None:
     log.info("launching %d processes: %s", nproc, " ".join(cmd))
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.run(cmd, env=env).returncode
+    env["MEGAVRL_LAUNCHER"] = "1"
+    return supervise(cmd, env, grace_s=grace_s, status_file=status_file)
+
+
+def supervise(cmd: list[str], env: dict, *, grace_s: float | None = None,
+              status_file: str | os.PathLike | None = None) -> int:
+    """Run torchrun ``cmd`` and make sure that nothing outlives this process.
+
+    - torchrun runs in its own session, with a parent-death signal: if this process is killed
+      (even with -9), torchrun gets SIGTERM and stops its workers the graceful way.
+    - SIGTERM, SIGINT (Ctrl-C), SIGHUP and SIGUSR1 received here are forwarded once, to the
+      workers (see :func:`_forward`); they checkpoint and exit. A second Ctrl-C kills the job at once.
+    - This process is a child subreaper: processes orphaned below it (a vLLM engine whose worker
+      died) come back to it and are killed when torchrun has exited, or when it has not exited
+      ``grace_s`` + 30 s after the signal.
+    """
+    import signal
+    import time
+
+    from megavrl.parallel.process_tree import become_subreaper, kill_descendants, reap_children, set_parent_death_signal
+    from megavrl.rl.preemption import STOP_SIGNALS, exit_code_for
+
+    become_subreaper()
+    launcher = os.getpid()
+    started = time.time()
+    received: list[int] = []
+
+    def on_signal(signum, frame):
+        if received and signum == signal.SIGINT == received[0]:
+            log.warning("second Ctrl-C: killing the job without waiting for its checkpoint")
+            kill_descendants()
+            os._exit(130)
+        if received:
+            return
+        received.append(signum)
+        log.warning("received %s: asking the workers to save a checkpoint and stop (within %s s)",
+                    signal.Signals(signum).name, f"{grace_s:g}" if grace_s else "torchrun's shutdown timeout")
+        if proc is not None:
+            _forward(proc, signum)
+
+    proc = None
+    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
+    try:
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                                preexec_fn=lambda: set_parent_death_signal(signal.SIGTERM, expected_parent=launcher))
+        if received:  # a signal arrived while starting
+            _forward(proc, received[0])
+        deadline = None
+        while True:
+            try:
+                rc = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if received and deadline is None:
+                deadline = time.monotonic() + (grace_s or 30) + 30
+            if deadline is not None and time.monotonic() > deadline:
+                log.error("the job did not stop within %.0f s of the signal: killing it", (grace_s or 30) + 30)
+                kill_descendants()
+        leftovers = kill_descendants()
+        reap_children()
+        if leftovers:
+            log.info("ended %d helper process(es) left behind by the job", len(leftovers))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    status = _read_status(status_file, since=started)
+    if status is not None and status.get("status") == "interrupted":
+        from megavrl.rl.commands import interrupted_message
+
+        print(interrupted_message(status.get("step"), status.get("checkpoint")), file=sys.stderr, flush=True)
+        return exit_code_for(received[0] if received else status.get("signal"))
+    if received and rc != 0:
+        log.error("the job was stopped by %s before it could save a checkpoint", signal.Signals(received[0]).name)
+    return rc
+
+
+def _forward(torchrun: subprocess.Popen, signum: int) -> None:
+    """Hand a stop signal to the workers themselves: they checkpoint and exit 0, and torchrun,
+    whose workers all succeeded, exits 0 too. (Signalled itself, torchrun would end with a
+    traceback and a failure status whatever the workers did.) Before the workers exist, torchrun
+    gets it. SIGUSR1, which torchrun does not handle, is sent as SIGTERM."""
+    import signal
+
+    import psutil
+
+    if torchrun.poll() is not None:
+        return
+    try:
+        workers = psutil.Process(torchrun.pid).children()
+    except psutil.Error:
+        workers = []
+    for target in workers or [torchrun]:
+        try:
+            os.kill(target.pid if workers else torchrun.pid,
+                    signal.SIGTERM if signum == signal.SIGUSR1 and not workers else signum)
+        except ProcessLookupError:
+            pass
+
+
+def _read_status(path, since: float) -> dict | None:
+    import json
+
+    if path is None:
+        return None
+    try:
+        if os.path.getmtime(path) < since - 1:
+            return None  # an earlier run's
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None

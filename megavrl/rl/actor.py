@@ -151,7 +151,10 @@ class MegatronActor:
 
         outputs = self._schedule(micro_batches, seq_len, loss_func, forward_only=False, collect=False)
         metrics = reduce_metrics(outputs if self.is_last_stage else [])
-        finite = all(math.isfinite(v) for v in metrics.values())
+        # Decided before the optimizer sees anything: Megatron's fp32 optimizer would apply a
+        # non-finite gradient (it only skips for the fp16 loss scaler), and every rank must agree,
+        # or one stage or shard would step while another does not.
+        finite = all(math.isfinite(v) for v in metrics.values()) and all_ranks_agree(self._local_grads_finite())
         if not finite:
             self.optim.zero_grad()
             return StepResult(applied=False, grad_norm=None, metrics=metrics)
@@ -160,16 +163,33 @@ class MegatronActor:
             applied = False
         return StepResult(applied=applied, grad_norm=grad_norm, metrics=metrics)
 
+    def _local_grads_finite(self) -> bool:
+        """Every gradient this rank holds (after the DP reduction) is finite: one check per
+        contiguous DDP gradient buffer."""
+        for chunk in self.optim.model:
+            for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+                if not bool(torch.isfinite(buffer.grad_data).all()):
+                    return False
+        return True
+
     # ------------------------------------------------------------------ checkpoints
-    def sharded_state_dict(self) -> dict:
+    def sharded_state_dict(self, for_loading: bool = False) -> dict:
+        """Model, optimizer (Adam moments and step) and LR schedule as a sharded state dict.
+
+        for_loading: build the template to load into. A fresh optimizer has no Adam state yet, so
+        Megatron must create it first (``is_loading=True``); a save-side template of a fresh
+        optimizer would have nothing to load the moments and the step into.
+        """
         model_sd = self.model.sharded_state_dict()
         out = {"model": model_sd}
         if self.optim:
-            out["optimizer"] = self.optim.sharded_state_dict(model_sd)
+            out["optimizer"] = self.optim.sharded_state_dict(model_sd, is_loading=for_loading)
             out["scheduler"] = self.optim.state_dict()
         return out
 
     def load_sharded(self, state: dict) -> None:
+        """Load what :meth:`sharded_state_dict` (``for_loading=True``) described and
+        ``dist_checkpointing.load`` filled in."""
         self.model.load_state_dict(state["model"])
         if self.optim and "optimizer" in state:
             self.optim.optimizer.load_state_dict(state["optimizer"])
@@ -187,6 +207,15 @@ class MegatronActor:
         from megavrl.checkpoint.hf_io import export_hf_weights
 
         return export_hf_weights(self.model, self.configs.mapping_context(), ranks="rank0", dtype=dtype)
+
+
+def all_ranks_agree(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on every rank (a MIN all-reduce over the world)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def reduce_metrics(outputs: list[dict]) -> dict:

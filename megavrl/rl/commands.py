@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import sys
+
     from megavrl.config import load_config, validate
     from megavrl.parallel.launch import ensure_launched
 
@@ -29,10 +32,36 @@ def _train(args: argparse.Namespace) -> int:
     nproc = cfg.parallel.nproc or cfg.parallel.tp * cfg.parallel.pp
     # Refuse a configuration that cannot work before any process builds a model.
     validate(cfg, world_size=world if world is not None else nproc)
-    launched = ensure_launched(nproc)
+    status_file = os.path.join(cfg.trainer.output_dir, "run_status.json")
+    launched = ensure_launched(nproc, grace_s=cfg.trainer.preemption_grace_s, status_file=status_file)
     if launched is not None:
         return launched
-    from megavrl.rl.trainer import Trainer
+    under_torchrun = "RANK" in os.environ
+    if under_torchrun:
+        from megavrl.parallel.process_tree import set_parent_death_signal
 
-    Trainer(cfg).run()
-    return 0
+        # torchrun killed with -9 cannot forward anything: the kernel tells us instead, and we checkpoint.
+        set_parent_death_signal(signal.SIGTERM)
+    from megavrl.rl.preemption import exit_code_for
+    from megavrl.rl.trainer import NonFiniteStop, Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        summary = trainer.run()
+    except NonFiniteStop as e:
+        print(f"megavrl train: {e}", file=sys.stderr)
+        return 1
+    finally:
+        trainer.close()
+    if not summary["interrupted"]:
+        return 0
+    if int(os.environ.get("RANK", "0")) == 0 and "MEGAVRL_LAUNCHER" not in os.environ:  # else the launcher says it
+        print(interrupted_message(summary["step"], summary["checkpoint"]), file=sys.stderr, flush=True)
+    # Under torchrun a worker that saved its checkpoint has succeeded; the launcher (or the job
+    # script, from run_status.json) turns the interruption into the exit status.
+    return 0 if under_torchrun else exit_code_for(summary["signal"])
+
+
+def interrupted_message(step: int, checkpoint: str | None) -> str:
+    return (f"megavrl train: interrupted at step {step}; checkpoint {checkpoint} is complete. Run the same "
+            f"command to resume (checkpoint.resume=auto).")

@@ -46,8 +46,16 @@ class ActorOptimizer:
     def state_dict(self) -> dict:
         return {"scheduler": self.scheduler.state_dict()}
 
-    def sharded_state_dict(self, model_sharded_state_dict: dict) -> dict:
-        return self.optimizer.sharded_state_dict(model_sharded_state_dict)
+    def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False) -> dict:
+        return self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading)
+
+    def adam_step(self) -> int:
+        """Adam's step counter (the same for every parameter); 0 before the first update."""
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            for state in opt.optimizer.state.values():
+                if "step" in state:
+                    return int(state["step"])
+        return 0
 
 
 def wrap_ddp(chunks: list, transformer_config, use_distributed_optimizer: bool) -> list:

@@ -18,7 +18,7 @@ import resource
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -95,6 +95,25 @@ def _collate_all(micro: list[list[TrainSequence]], pad_id: int, seq_len: int) ->
     return batches
 
 
+class NonFiniteStop(RuntimeError):
+    """The run stopped after trainer.max_consecutive_nonfinite skipped steps (a checkpoint was saved)."""
+
+
+@dataclass
+class _Rank0Failure:
+    """Broadcast by rank 0 instead of a batch when preparing it failed."""
+    message: str
+    error: BaseException | None = None
+
+    def __getstate__(self):  # the exception itself stays on rank 0
+        return {"message": self.message, "error": None}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 # --------------------------------------------------------------------------------- trainer
 
 
@@ -140,9 +159,12 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.dataset = self.data_iter = None
         self.engine = engine if global_rank() == 0 else None
+        self._owns_engine = engine is None
         if global_rank() == 0:
             self._build_rank0()
         self.ckpt = CheckpointManager(self.ckpt_dir, keep_last=cfg.checkpoint.keep_last)
+        if global_rank() == 0:
+            self.ckpt.remove_stale()
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
@@ -153,7 +175,8 @@ class Trainer:
         resumed = self._resume()
         if not resumed and (reused_engine or cfg.model.megatron_ckpt):
             self.sync_weights()  # the engine holds other weights than the actor starts from
-        self.metrics = MetricsWriter(self.tb_dir, console_every=cfg.logging.log_every, append=resumed, console_keys=[
+        self.metrics = MetricsWriter(self.tb_dir, console_every=cfg.logging.log_every,
+                                     resume_step=self.step if resumed else None, console_keys=[
             "reward/total", "reward/std", "reward/parse_fail_rate", "loss", "kl_loss", "entropy", "clip_fraction", "grad_norm",
             "token_mult_prob_error", "response_len/mean", "time/step", "throughput/tokens_per_s"])
 
@@ -173,6 +196,9 @@ class Trainer:
         self.data_iter = iter(self.dataset)
         if (self.grpo or cfg.data.val) and self.engine is None:
             from megavrl.rollout.engine import RolloutEngine
+            from megavrl.rollout.shm import remove_stale_shm
+
+            remove_stale_shm(cfg.rollout.weight_sync_shm_dir)
 
             t0 = time.perf_counter()
             self.engine = RolloutEngine(cfg.model.hf_dir, cfg.rollout)
@@ -185,7 +211,7 @@ class Trainer:
         path = self.ckpt.resolve(self.cfg.checkpoint.resume)
         if path is None:
             return False
-        loaded = self.ckpt.load(path, self.actor.sharded_state_dict())
+        loaded = self.ckpt.load(path, self.actor.sharded_state_dict(for_loading=True), shared_keys=("data",))
         self.actor.load_sharded(loaded.sharded)
         self.step = loaded.step
         state = loaded.rank_state or {}
@@ -195,7 +221,8 @@ class Trainer:
             self.dataset.load_state_dict(state["data"])
             self.data_iter = iter(self.dataset)
         self.nonfinite_total = int(loaded.metadata.get("nonfinite_total", 0))
-        log.info("resumed from %s at step %d", path, self.step)
+        self.nonfinite_in_a_row = int(loaded.metadata.get("nonfinite_in_a_row", 0))
+        log.info("resumed from %s at step %d (Adam step %d)", path, self.step, self.actor.optim.adam_step())
         self.sync_weights()
         return True
 
@@ -204,52 +231,128 @@ class Trainer:
         from megavrl.rl.preemption import PreemptionHandler
 
         cfg = self.cfg
-        before = self.evaluate("before") if self.step == 0 else {}
-        interrupted = False
-        with PreemptionHandler() as preemption:
+        self._write_status("running")
+        interrupted = None  # the signal that stopped the run
+        saved_step = None
+        with PreemptionHandler(grace_s=cfg.trainer.preemption_grace_s) as preemption:
+            before = self.evaluate("before") if self.step == 0 else {}
             while self.step < cfg.trainer.total_steps:
-                metrics = self.train_step()
+                at_start = self._resume_state()
+                metrics = self.train_step(preemption)
+                if metrics is None:  # a stop signal arrived before the update: save the step as it began
+                    self.save(rank_state=at_start)
+                    interrupted = self._stopped_by(preemption)
+                    break
                 self.step += 1
                 self.metrics.write(self.step, metrics)
                 if self.nonfinite_in_a_row >= cfg.trainer.max_consecutive_nonfinite:
-                    self.save()
-                    raise RuntimeError(f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
-                                       f"(trainer.max_consecutive_nonfinite={cfg.trainer.max_consecutive_nonfinite}): "
-                                       f"stopping. Lower optimizer.lr or check the data.")
+                    path = self.save()
+                    self._write_status("stopped_nonfinite", checkpoint=path)
+                    raise NonFiniteStop(
+                        f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
+                        f"(trainer.max_consecutive_nonfinite={cfg.trainer.max_consecutive_nonfinite}): stopped "
+                        f"at step {self.step} with checkpoint {path}. Lower optimizer.lr or check the data.")
                 if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
                     self.save()
-                if cfg.trainer.eval_every and self.step % cfg.trainer.eval_every == 0 \
+                    saved_step = self.step
+                stop = preemption.should_stop()
+                if not stop and cfg.trainer.eval_every and self.step % cfg.trainer.eval_every == 0 \
                         and self.step < cfg.trainer.total_steps:
                     self.evaluate(f"step{self.step}")
-                if preemption.should_stop():
-                    log.warning("stopping at step %d on %s: saving a checkpoint", self.step,
-                                "a signal" if preemption.received else "another rank's signal")
-                    self.save()
-                    interrupted = True
+                if stop:
+                    if saved_step != self.step:
+                        self.save()
+                    interrupted = self._stopped_by(preemption)
                     break
-        if not interrupted:
+        if interrupted is None:
             final = self.save()
             if cfg.checkpoint.export_hf_at_end:
                 self.export_hf(final, self.output_dir / "hf")
-        after = self.evaluate("after") if not interrupted else {}
+        after = self.evaluate("after") if interrupted is None else {}
         self.metrics.close()
-        summary = {"step": self.step, "interrupted": interrupted, "before": before, "after": after,
+        latest = self.ckpt.latest()
+        summary = {"step": self.step, "interrupted": interrupted is not None, "signal": interrupted,
+                   "checkpoint": str(latest) if latest else None, "before": before, "after": after,
                    "tensorboard": str(self.tb_dir), "nonfinite_steps": self.nonfinite_total}
+        self._write_status("interrupted" if interrupted is not None else "completed", checkpoint=latest,
+                           signal=interrupted)
         if global_rank() == 0:
             self._print_summary(summary)
         return summary
 
-    def train_step(self) -> dict:
+    def _stopped_by(self, preemption) -> int:
+        """The signal that stopped the run (SIGTERM when it reached another rank only)."""
+        import signal
+
+        waited = preemption.seconds_since_signal
+        log.warning("stopped at step %d on %s; checkpoint written%s", self.step,
+                    signal.Signals(preemption.received).name if preemption.received else "another rank's signal",
+                    f" {waited:.1f} s after it" if waited is not None else "")
+        # Every rank reports the same signal: rank 0's if it got one.
+        return broadcast_object(int(preemption.received or signal.SIGTERM) if global_rank() == 0 else None)
+
+    def _resume_state(self) -> dict:
+        """What a checkpoint of the current step boundary stores beside the sharded tensors."""
+        from megavrl.checkpoint.manager import capture_rng_state
+
+        state = {"rng": capture_rng_state()}
+        if global_rank() == 0 and self.dataset is not None:
+            state["data"] = self.dataset.state_dict()
+        return state
+
+    def _write_status(self, status: str, **extra) -> None:
+        """``run_status.json`` in the output directory (and at $MEGAVRL_STATUS_FILE when set): how the
+        run ended, for launchers and job scripts that decide whether to requeue."""
+        import json
+
+        if global_rank() != 0:
+            return
+        record = {"status": status, "step": self.step, "total_steps": self.cfg.trainer.total_steps,
+                  **{k: (str(v) if isinstance(v, Path) else v) for k, v in extra.items()}}
+        text = json.dumps(record) + "\n"
+        targets = [self.output_dir / "run_status.json"]
+        if os.environ.get("MEGAVRL_STATUS_FILE"):
+            targets.append(Path(os.environ["MEGAVRL_STATUS_FILE"]))
+        for target in targets:
+            tmp = target.with_name(f".{target.name}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, target)
+
+    def close(self) -> None:
+        """Stop the rollout engine (rank 0) and any process it left; close the metrics."""
+        from megavrl.parallel.process_tree import kill_descendants
+
+        if self.engine is not None and self._owns_engine:
+            try:
+                self.engine.shutdown()
+            except Exception as e:  # already dead (e.g. killed by the stop signal)
+                log.info("rollout engine shutdown: %s", e)
+            self.engine = None
+            kill_descendants()
+        self.metrics.close()
+
+    def train_step(self, preemption=None) -> dict | None:
+        """One step; None when a stop signal arrived before its update (the step is abandoned:
+        nothing but the RNG streams and the data position has changed, and the caller saves
+        those as they were when the step began)."""
         timer = PhaseTimer()
         t0 = time.perf_counter()
         with timer("rollout"):
-            payload = self._experience() if global_rank() == 0 else None
-            sequences, metrics = broadcast_object(payload)
+            payload = self._experience_or_failure(preemption) if global_rank() == 0 else None
+            payload = broadcast_object(payload)
+        if isinstance(payload, _Rank0Failure):
+            if global_rank() == 0 and payload.error is not None:
+                raise payload.error
+            raise RuntimeError(f"global rank 0 failed while preparing step {self.step + 1}: {payload.message}")
+        if preemption is not None and preemption.should_stop():
+            log.warning("step %d abandoned before its update: it runs again after resuming", self.step + 1)
+            return None
+        sequences, metrics = payload
         if sequences:
             metrics.update(self._update(sequences, timer))
             if self.grpo:
                 with timer("weight_sync"):
-                    metrics.update(self.sync_weights())
+                    metrics.update(self._sync_after_update(preemption))
         metrics.update(timer.metrics())
         metrics["time/step"] = time.perf_counter() - t0
         n_tokens = sum(len(s) for s in sequences)
@@ -258,6 +361,39 @@ class Trainer:
         metrics["lr"] = self.actor.optim.lr
         metrics["nonfinite/total"] = self.nonfinite_total
         return metrics
+
+    def _experience_or_failure(self, preemption):
+        """Rank 0's experience; a failure is returned (and broadcast) instead of raised, so that the
+        other ranks, waiting for the batch, stop too instead of hanging until the timeout. With a
+        stop signal received, a failure is the rollout engine killed by it: the step is abandoned."""
+        from megavrl.rl.preemption import StopRequested
+
+        try:
+            if preemption is None:
+                return self._experience()
+            with preemption.interruptible():
+                return self._experience()
+        except StopRequested:
+            log.warning("stop signal during the rollout: abandoning the step")
+            return None
+        except Exception as e:
+            if preemption is not None and preemption.received is not None:
+                log.warning("rollout interrupted by the stop signal (%s): abandoning the step", _first_line(e))
+                return None
+            return _Rank0Failure(message=f"{type(e).__name__}: {_first_line(e)}", error=e)
+
+    def _sync_after_update(self, preemption) -> dict:
+        from megavrl.rl.preemption import StopRequested
+
+        try:
+            return self.sync_weights(preemption)
+        except (Exception, StopRequested) as e:
+            if preemption is None or preemption.received is None:
+                raise
+            # The update is applied and is in the checkpoint that follows; the engine was killed by
+            # the stop signal and gets the weights when the run resumes.
+            log.warning("weight sync interrupted by the stop signal (%s)", _first_line(e))
+            return {}
 
     # ------------------------------------------------------------------ rank 0: experience
     def _next_prompts(self, n: int) -> list:
@@ -414,31 +550,46 @@ class Trainer:
         return grpo_loss
 
     # ------------------------------------------------------------------ weights, checkpoints, eval
-    def sync_weights(self) -> dict:
-        """Stream the actor's weights into the vLLM engine (all ranks take part)."""
+    def sync_weights(self, preemption=None) -> dict:
+        """Stream the actor's weights into the vLLM engine (all ranks take part). With ``preemption``,
+        a stop signal ends rank 0's calls into the engine (which the signal may have killed) while
+        the other ranks' collectives are still completed."""
         if not (self.grpo or self.cfg.data.val):
             return {}
         stream = self.actor.export_hf_ranks0()
         if global_rank() == 0 and self.engine is not None:
-            stats = self.engine.update_weights(stream)
+            try:
+                stats = self.engine.update_weights(
+                    stream, rpc_guard=preemption.interruptible if preemption is not None else None)
+            except BaseException:
+                for _ in stream:  # the other ranks are inside the export's collectives: finish them
+                    pass
+                raise
             return {"weight_sync/seconds": stats.seconds, "weight_sync/mb_per_s": stats.mb_per_s}
         for _ in stream:  # drive the collectives
             pass
         return {}
 
-    def save(self) -> Path:
-        """Checkpoint the run. Saving leaves every RNG stream as it found it (Megatron's writer
-        draws random numbers), so a resumed run continues exactly like an uninterrupted one."""
+    def save(self, rank_state: dict | None = None) -> Path:
+        """Checkpoint the run at ``self.step``: model, optimizer, LR schedule, RNG streams, data
+        position, counters. rank_state: the RNG/data state to store (default: the current one; an
+        abandoned step passes the state it began with). Saving leaves every RNG stream as it found it
+        (Megatron's writer draws random numbers), so a resumed run continues exactly like an
+        uninterrupted one. The stop signals are blocked while the writer's processes are forked, so
+        a signal sent to the whole process group cannot kill them mid-save."""
         from megavrl.checkpoint.manager import capture_rng_state, restore_rng_state
+        from megavrl.rl.preemption import signals_blocked
 
-        state = {"rng": capture_rng_state()}
-        if global_rank() == 0 and self.dataset is not None:
-            state["data"] = self.dataset.state_dict()
-        path = self.ckpt.save(self.step, self.actor.sharded_state_dict(), rank_state=state,
-                              metadata={"config": to_dict(self.cfg), "nonfinite_total": self.nonfinite_total,
-                                        "tp": self.layout.tp, "pp": self.layout.pp},
-                              hf_files_from=self.cfg.model.hf_dir)
-        restore_rng_state(state["rng"])
+        current = capture_rng_state()
+        state = rank_state if rank_state is not None else self._resume_state()
+        with signals_blocked():
+            path = self.ckpt.save(self.step, self.actor.sharded_state_dict(), rank_state=state,
+                                  metadata={"config": to_dict(self.cfg), "nonfinite_total": self.nonfinite_total,
+                                            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                                            "adam_step": self.actor.optim.adam_step(),
+                                            "tp": self.layout.tp, "pp": self.layout.pp},
+                                  hf_files_from=self.cfg.model.hf_dir)
+        restore_rng_state(current)
         return path
 
     def export_hf(self, ckpt: Path, out: Path) -> None:

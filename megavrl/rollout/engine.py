@@ -26,6 +26,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,13 +268,14 @@ class RolloutEngine:
     # ---- weights --------------------------------------------------------------------------------
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *,
-                       bucket_mb: float | None = None) -> SyncStats:
+                       bucket_mb: float | None = None, rpc_guard=None) -> SyncStats:
         """Load full HF-named tensors into vLLM in place, bucket by bucket.
 
         named_tensors: ``(hf_name, tensor)`` pairs in a Qwen2.5-VL checkpoint layout, any dtype
             (cast to the engine's), on CPU or GPU. A subset is fine (a frozen vision tower need not
             be sent); ``SyncStats.params_not_updated`` lists vLLM parameters no tensor reached.
         bucket_mb: bucket size in MB (2**20 bytes); defaults to ``config.weight_sync_bucket_mb``.
+        rpc_guard: entered around each call into the engine (see :func:`push_weights`).
         Afterwards the prefix cache and the encoder cache are reset: both hold results of the old
         weights (the KV of shared prompt prefixes, the vision tower's video embeddings).
         """
@@ -283,8 +285,9 @@ class RolloutEngine:
         mb = bucket_mb if bucket_mb is not None else self.config.weight_sync_bucket_mb
         stats = push_weights(self.llm, named_tensors, bucket_bytes=int(mb * 2**20), dtype=self.dtype,
                              tied_embeddings=self.tied_embeddings, transport=self.config.weight_sync_transport,
-                             shm_dir=self.config.weight_sync_shm_dir)
-        self.reset_caches()
+                             shm_dir=self.config.weight_sync_shm_dir, rpc_guard=rpc_guard)
+        with (rpc_guard or nullcontext)():
+            self.reset_caches()
         if stats.params_not_updated:
             log.info("weight update left %d vLLM parameters unchanged (e.g. %s)", len(stats.params_not_updated),
                      ", ".join(stats.params_not_updated[:3]))

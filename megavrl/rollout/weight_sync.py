@@ -14,11 +14,15 @@ The worker side is ``megavrl.rollout.worker_extension``.
 """
 from __future__ import annotations
 
+import logging
+import os
 import pickle
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
+from typing import ContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,6 +55,11 @@ class SyncStats:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "mb_per_s": self.mb_per_s}
+
+
+SYNC_DIR_PREFIX = "megavrl-wsync-"
+"""Bucket directories are named ``megavrl-wsync-<pid>-<random>``: the pid tells a later run
+whether the writer is gone (:func:`megavrl.rollout.shm.remove_stale_shm`)."""
 
 
 def check_hf_name(name: str) -> None:
@@ -151,17 +160,25 @@ def _send_cuda_ipc(llm, bucket: list[tuple[str, torch.Tensor]]) -> int:
 
 def push_weights(llm, named_tensors: Iterable[tuple[str, torch.Tensor]], *, bucket_bytes: int,
                  dtype: torch.dtype, tied_embeddings: bool, transport: str = "auto",
-                 shm_dir: str = "/dev/shm") -> SyncStats:
+                 shm_dir: str = "/dev/shm", rpc_guard: Callable[[], ContextManager] | None = None) -> SyncStats:
     """Stream ``named_tensors`` into the workers of ``llm`` in buckets; returns ``SyncStats``.
 
     transport: "shm", "cuda_ipc", or "auto" (cuda_ipc when the first tensor is on a GPU).
+    rpc_guard: a context manager factory entered around each call into the engine, and only
+        there (never while ``named_tensors`` is advanced, which may run collectives): the trainer's
+        stop-signal section, which ends an engine call that a killed engine would never answer.
+        When it raises a BaseException that is not an Exception, the session is not closed (the
+        process is stopping; the engine may be gone).
     Does not reset vLLM's caches: the engine does that after a successful update.
     """
+    guard = rpc_guard or nullcontext
     stats = SyncStats()
     start = time.perf_counter()
     stream = prepare_stream(named_tensors, dtype=dtype, tied_embeddings=tied_embeddings, skipped=stats.skipped)
     directory: Path | None = None
-    llm.collective_rpc("megavrl_begin_weight_update")
+    with guard():
+        llm.collective_rpc("megavrl_begin_weight_update")
+    stopping = False
     try:
         for index, bucket in enumerate(iter_buckets(stream, bucket_bytes)):
             if not stats.transport:
@@ -170,22 +187,27 @@ def push_weights(llm, named_tensors: Iterable[tuple[str, torch.Tensor]], *, buck
                 if stats.transport not in ("shm", "cuda_ipc"):
                     raise ValueError(f"unknown weight sync transport {transport!r}; use auto, shm or cuda_ipc")
                 if stats.transport == "shm":
-                    directory = Path(tempfile.mkdtemp(prefix="megavrl-wsync-", dir=shm_dir))
-            if stats.transport == "shm":
-                stats.bytes_moved += _send_shm(llm, bucket, directory, index)
-            else:
-                stats.bytes_moved += _send_cuda_ipc(llm, bucket)
+                    directory = Path(tempfile.mkdtemp(prefix=f"{SYNC_DIR_PREFIX}{os.getpid()}-", dir=shm_dir))
+            with guard():
+                if stats.transport == "shm":
+                    stats.bytes_moved += _send_shm(llm, bucket, directory, index)
+                else:
+                    stats.bytes_moved += _send_cuda_ipc(llm, bucket)
             stats.num_buckets += 1
             stats.num_tensors += len(bucket)
-    except BaseException:
-        log.error("weight update failed after %d buckets; vLLM now holds a mix of old and new weights: "
-                  "retry the update before sampling", stats.num_buckets)
+    except BaseException as e:
+        stopping = not isinstance(e, Exception)
+        log.log(logging.INFO if stopping else logging.ERROR, "weight update %s after %d buckets; vLLM now holds a "
+                "mix of old and new weights: retry the update before sampling",
+                "interrupted" if stopping else "failed", stats.num_buckets)
         raise
     finally:
-        # Always close the session: it puts back the tensors of layers that got nothing.
-        not_updated = llm.collective_rpc("megavrl_finish_weight_update")[0]
         if directory is not None:
             shutil.rmtree(directory, ignore_errors=True)
+        # Close the session (it puts back the tensors of layers that got nothing), unless stopping.
+        if not stopping:
+            with guard():
+                not_updated = llm.collective_rpc("megavrl_finish_weight_update")[0]
     stats.params_not_updated = list(not_updated)
     stats.seconds = time.perf_counter() - start
     return stats

@@ -79,3 +79,29 @@ def test_rng_round_trip_is_exact(tmp_path):
 def test_keep_last_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="keep_last=0"):
         CheckpointManager(tmp_path, keep_last=0)
+
+
+def test_stale_temp_dirs_are_removed_at_start(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=3)
+    (tmp_path / ".tmp-step_00000004-17").mkdir()
+    (tmp_path / ".tmp-step_00000004-17" / "partial").write_text("x")
+    (tmp_path / "step_00000003").mkdir()  # not a temp dir: left for latest() to ignore
+    assert [p.name for p in mgr.remove_stale()] == [".tmp-step_00000004-17"]
+    assert not (tmp_path / ".tmp-step_00000004-17").exists() and (tmp_path / "step_00000003").exists()
+    assert mgr.remove_stale() == []
+    assert CheckpointManager(tmp_path / "missing").remove_stale() == []
+
+
+def test_per_rank_state_needs_the_same_layout(tmp_path, single_process_group):
+    mgr = CheckpointManager(tmp_path, keep_last=3)
+    path = mgr.save(1, sharded(torch.ones(2, 2), torch.ones(2)),
+                    rank_state={"rng": {"x": torch.tensor([1])}, "data": {"index": 7}})
+    meta = json.loads((path / MARKER).read_text())
+    assert meta["layout"] == {"world_size": 1, "tp": 1, "pp": 1, "dp": 1}
+    assert mgr.load(path, sharded(torch.zeros(2, 2), torch.zeros(2))).rank_state["data"] == {"index": 7}
+    # Saved at TP=2 with the same world size: the RNG streams belong to other grid positions.
+    meta["layout"] = {"world_size": 1, "tp": 2, "pp": 1, "dp": 1}
+    (path / MARKER).write_text(json.dumps(meta))
+    other = mgr.load(path, sharded(torch.zeros(2, 2), torch.zeros(2)), shared_keys=("data",))
+    assert other.rank_state == {"data": {"index": 7}} and not other.same_layout
+    assert mgr.load(path, sharded(torch.zeros(2, 2), torch.zeros(2))).rank_state is None
