@@ -64,6 +64,35 @@ printf '+'; printf ' %q' "${cmd[@]}"; printf '\n'
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
   exit 0
 fi
-# exec: torchrun receives SIGTERM directly and forwards it to the workers (the trainer then saves
-# a checkpoint); TORCH_ELASTIC_SHUTDOWN_TIMEOUT bounds how long it waits for them.
-exec "${cmd[@]}"
+# Stopping: SIGTERM/SIGINT/SIGHUP/SIGUSR1 to this script (Slurm's signal to the task, scancel,
+# Ctrl-C) is handed to torchrun, which forwards it to the workers; they finish or abandon the step,
+# save a checkpoint within trainer.preemption_grace_s and exit. TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+# (default: the same 120 s) bounds how long torchrun waits for them before SIGKILL.
+# Exit status: torchrun's, except 75 when the run was interrupted after a complete checkpoint
+# (rank 0 writes run_status.json to $MEGAVRL_STATUS_FILE): resubmit or requeue to resume.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}
+export MEGAVRL_STATUS_FILE=${MEGAVRL_STATUS_FILE:-$(mktemp -t megavrl-status.XXXXXX)}
+: > "$MEGAVRL_STATUS_FILE"
+# shellcheck disable=SC2329  # invoked by the traps below
+forward() {
+  # torchrun handles TERM, INT and HUP (and forwards them to its workers); USR1 goes as TERM.
+  local sig=$1
+  [[ "$sig" == USR1 ]] && sig=TERM
+  kill -s "$sig" "$torchrun_pid" 2>/dev/null || true
+}
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+trap 'forward HUP' HUP
+trap 'forward USR1' USR1
+"${cmd[@]}" &
+torchrun_pid=$!
+# `wait` returns early when a trapped signal arrives: keep waiting until torchrun has exited.
+while :; do
+  if wait "$torchrun_pid"; then status=0; else status=$?; fi
+  kill -0 "$torchrun_pid" 2>/dev/null || break
+done
+if grep -q '"status": "interrupted"' "$MEGAVRL_STATUS_FILE" 2>/dev/null; then
+  echo "megavrl: interrupted after a complete checkpoint ($(cat "$MEGAVRL_STATUS_FILE")); exit 75"
+  exit 75
+fi
+exit "$status"

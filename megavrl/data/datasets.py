@@ -271,8 +271,8 @@ class VideoTaskDataset:
                 if pool is not None:
                     pool.shutdown(wait=True, cancel_futures=True)
             if delivered == 0 and started_at == 0 and len(order) > 0:
-                raise RuntimeError(f"data[{self.split}] epoch {self.epoch}: every one of the {len(order)} rows of "
-                                   f"rank {self.rank} was skipped. {self.skips.summary()}")
+                raise EmptyDatasetError(f"data[{self.split}] epoch {self.epoch}: no usable row: every one of the "
+                                        f"{len(order)} rows of rank {self.rank} was skipped. {self.skips.summary()}")
             self.skips.log_summary()
             self.epoch += 1
             self.index = 0
@@ -286,6 +286,18 @@ class VideoTaskDataset:
             if len(out) == n:
                 break
         return out
+
+    def check_usable(self) -> None:
+        """Raise EmptyDatasetError unless some row yields a prepared sample (its video decodes):
+        run it before anything expensive starts. The stream's position is left as it was; rows found
+        bad are remembered and not decoded again."""
+        state = self.state_dict()
+        try:
+            first = self.take(1)
+        finally:
+            self.load_state_dict(state)
+        if not first:
+            raise EmptyDatasetError(f"data[{self.split}]: no usable row. {self.skips.summary()}")
 
     # ------------------------------------------------------------------------------ resume
 

@@ -24,6 +24,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Optional
 
+from megavrl.errors import UserError
 from megavrl.log import get_logger
 
 log = get_logger(__name__)
@@ -40,8 +41,9 @@ class RowError(ValueError):
         self.kind = kind
 
 
-class EmptyDatasetError(RuntimeError):
-    """No usable row is left after reading and filtering: raised at start, never mid-run."""
+class EmptyDatasetError(UserError, RuntimeError):
+    """No usable row is left after reading and filtering (or no row's video decodes): raised at
+    start, never mid-run. A UserError: the CLI reports it in one line."""
 
 
 @dataclass

@@ -32,6 +32,8 @@ def _train(args: argparse.Namespace) -> int:
     nproc = cfg.parallel.nproc or cfg.parallel.tp * cfg.parallel.pp
     # Refuse a configuration that cannot work before any process builds a model.
     validate(cfg, world_size=world if world is not None else nproc)
+    if "RANK" not in os.environ:  # typed in a shell: refuse an unusable training set before any process starts
+        check_training_data(cfg)
     status_file = os.path.join(cfg.trainer.output_dir, "run_status.json")
     launched = ensure_launched(nproc, grace_s=cfg.trainer.preemption_grace_s, status_file=status_file)
     if launched is not None:
@@ -60,6 +62,15 @@ def _train(args: argparse.Namespace) -> int:
     # Under torchrun a worker that saved its checkpoint has succeeded; the launcher (or the job
     # script, from run_status.json) turns the interruption into the exit status.
     return 0 if under_torchrun else exit_code_for(summary["signal"])
+
+
+def check_training_data(cfg) -> None:
+    """EmptyDatasetError (one line on the console) when no training row yields a usable sample."""
+    from megavrl.data.datasets import VideoTaskDataset
+    from megavrl.data.prompt import PromptBuilder
+
+    builder = PromptBuilder.from_hf_dir(cfg.model.hf_dir, cfg.data.prompt)
+    VideoTaskDataset(cfg.data, builder=builder, split="train").check_usable()
 
 
 def interrupted_message(step: int, checkpoint: str | None) -> str:

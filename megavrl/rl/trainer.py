@@ -17,7 +17,7 @@ import os
 import resource
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -163,6 +163,7 @@ class Trainer:
         if global_rank() == 0:
             self._build_rank0()
         self.ckpt = CheckpointManager(self.ckpt_dir, keep_last=cfg.checkpoint.keep_last)
+        self._preemption = None  # the stop-signal handler while run() runs
         if global_rank() == 0:
             self.ckpt.remove_stale()
         self.step = 0
@@ -193,6 +194,7 @@ class Trainer:
         cfg = self.cfg
         self.builder = PromptBuilder.from_hf_dir(cfg.model.hf_dir, cfg.data.prompt)
         self.dataset = VideoTaskDataset(cfg.data, builder=self.builder, split="train")
+        self.dataset.check_usable()  # before the engine starts: bad data fails in seconds
         self.data_iter = iter(self.dataset)
         if (self.grpo or cfg.data.val) and self.engine is None:
             from megavrl.rollout.engine import RolloutEngine
@@ -235,12 +237,14 @@ class Trainer:
         interrupted = None  # the signal that stopped the run
         saved_step = None
         with PreemptionHandler(grace_s=cfg.trainer.preemption_grace_s) as preemption:
+            self._preemption = preemption
             before = self.evaluate("before") if self.step == 0 else {}
             while self.step < cfg.trainer.total_steps:
                 at_start = self._resume_state()
                 metrics = self.train_step(preemption)
                 if metrics is None:  # a stop signal arrived before the update: save the step as it began
-                    self.save(rank_state=at_start)
+                    if saved_step != self.step:
+                        self.save(rank_state=at_start)
                     interrupted = self._stopped_by(preemption)
                     break
                 self.step += 1
@@ -264,11 +268,15 @@ class Trainer:
                         self.save()
                     interrupted = self._stopped_by(preemption)
                     break
-        if interrupted is None:
-            final = self.save()
-            if cfg.checkpoint.export_hf_at_end:
-                self.export_hf(final, self.output_dir / "hf")
-        after = self.evaluate("after") if interrupted is None else {}
+            if interrupted is None:
+                final = self.save() if saved_step != self.step else self.ckpt.latest()
+                # A signal now leaves the steps done but the export and the final eval to the resumed run.
+                if preemption.should_stop():
+                    interrupted = self._stopped_by(preemption)
+                elif cfg.checkpoint.export_hf_at_end:
+                    self.export_hf(final, self.output_dir / "hf")
+            after = self.evaluate("after") if interrupted is None else {}
+            self._preemption = None
         self.metrics.close()
         latest = self.ckpt.latest()
         summary = {"step": self.step, "interrupted": interrupted is not None, "signal": interrupted,
@@ -623,15 +631,21 @@ class Trainer:
         if not self.cfg.data.val:
             return {}
         if not self.grpo and self.step > 0:  # SFT updates do not stream into the engine each step
-            self.sync_weights()
+            self._sync_after_update(self._preemption)
         result = None
         if global_rank() == 0:
             from megavrl.eval.runner import run_eval
+            from megavrl.rl.preemption import StopRequested
 
             out = Path(self.cfg.eval.output_dir or self.output_dir / "eval") / tag
-            result = run_eval(self.engine, self.cfg, self.builder, out)
-            self.metrics.write(self.step, {k: v for k, v in result.items() if isinstance(v, (int, float))},
-                               prefix="eval/")
+            try:
+                with self._preemption.interruptible() if self._preemption is not None else nullcontext():
+                    result = run_eval(self.engine, self.cfg, self.builder, out)
+                self.metrics.write(self.step, {k: v for k, v in result.items() if isinstance(v, (int, float))},
+                                   prefix="eval/")
+            except StopRequested:
+                log.warning("evaluation %r abandoned: a stop signal arrived", tag)
+                result = {}
         return broadcast_object(result)
 
     def _print_summary(self, summary: dict) -> None:

@@ -42,7 +42,10 @@ exit "$status"
 node=${SLURM_NODEID:-local}
 printf '%s\0' "$@" > "$STUB_DIR/torchrun.$node.argv"
 if [[ -n "${STUB_TORCHRUN_BLOCK:-}" ]]; then
-  trap 'echo TERM > "$STUB_DIR/torchrun.$node.signal"; exit 0' TERM
+  # On SIGTERM, like rank 0 of a run that saved its checkpoint, write the status (when asked to).
+  trap 'echo TERM > "$STUB_DIR/torchrun.$node.signal"
+        if [[ -n "${STUB_STATUS:-}" ]]; then echo "$STUB_STATUS" > "$MEGAVRL_STATUS_FILE"; fi
+        exit 0' TERM
   echo $$ > "$STUB_DIR/torchrun.$node.pid"
   while :; do sleep 0.05; done
 fi
@@ -122,6 +125,32 @@ def test_torchrun_script_runs_what_it_prints(stubs):
     assert _argv(out / "torchrun.local.argv") == expected
 
 
+@pytest.mark.parametrize("saved, expected_rc", [(True, 75), (False, 0)])
+def test_torchrun_script_forwards_sigterm_and_reports_an_interruption(stubs, tmp_path, saved, expected_rc):
+    """Slurm signals the task (this script): torchrun gets the SIGTERM; when rank 0 reports an
+    interruption after a complete checkpoint, the script exits 75 (requeue-able), else torchrun's status."""
+    out, env = stubs
+    env.update(STUB_GPUS="0", STUB_TORCHRUN_BLOCK="1", MEGAVRL_STATUS_FILE=str(tmp_path / "status.json"))
+    if saved:
+        env["STUB_STATUS"] = '{"status": "interrupted", "step": 7}'
+    proc = subprocess.Popen(["bash", str(TORCHRUN_SH)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (out / "torchrun.local.pid").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the torchrun stand-in did not start"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (out / "torchrun.local.signal").read_text().strip() == "TERM"
+    assert proc.returncode == expected_rc, output
+    if saved:
+        assert "interrupted after a complete checkpoint" in output
+
+
 @pytest.mark.parametrize("visible, expected", [("0,1", "2"), ("3", "1"), ("", "2")])   # "" = no GPU: CPU mode
 def test_visible_devices_decide_the_gpu_count(stubs, visible, expected):
     _, env = stubs
@@ -165,7 +194,7 @@ def test_sbatch_runs_one_torchrun_per_node(stubs):
         # (the default without SLURM_GPUS_ON_NODE), resume=auto first and the user's override last.
         assert _argv(out / f"torchrun.{node}.argv") == _torchrun_args(
             2, node, 8, "gpu-node-01:29500", "4242", "examples/configs/my_run.yaml",
-            "checkpoint.resume=auto", "parallel.tp=2"), (out / f"node{node}.log").read_text()
+            "checkpoint.resume=auto", "trainer.preemption_grace_s=150", "parallel.tp=2"), (out / f"node{node}.log").read_text()
     assert not (out / "scancel.calls").exists()
     assert "requeue" not in (out / "scontrol.calls").read_text()
 
@@ -183,7 +212,7 @@ def test_sbatch_in_a_container(stubs):
     for node in (0, 1):
         assert _argv(out / f"torchrun.{node}.argv") == _torchrun_args(
             2, node, 4, "gpu-node-01:29777", "4242", "examples/configs/my_run.yaml",
-            "checkpoint.resume=none", "trainer.output_dir=/shared/runs/a")
+            "checkpoint.resume=none", "trainer.preemption_grace_s=150", "trainer.output_dir=/shared/runs/a")
 
 
 def test_sbatch_needs_a_config(stubs):

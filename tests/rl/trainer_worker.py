@@ -1,11 +1,13 @@
 """Runs under torchrun (2 processes) for tests/rl/test_trainer.py; writes a JSON report.
 
 usage: trainer_worker.py SCENARIO WORKDIR HF_DIR DATA_DIR
-  tp2: GRPO at TP=2: (A) 3 steps with a checkpoint at step 2 and an HF export; (B) the same run
-       stopped after step 2 and resumed to step 3, which must repeat A's step 3 exactly;
-       (C) a NaN injected into the loss of step 1 is skipped and counted; and whether the policy
-       learned what the reward prefers (checked against transformers on the exported model).
-  pp2: GRPO at PP=2, 2 steps.
+  tp2: GRPO at TP=2: (A) 4 steps with checkpoints at steps 2 and 4; (B) the same run stopped after
+       step 2 and resumed to step 4, which must repeat A's steps 3 and 4 exactly; (C) an infinite
+       gradient with a finite loss at step 2 is skipped and counted, and a run whose every step
+       has one stops after max_consecutive_nonfinite with a checkpoint; (E) A's checkpoint resumed
+       at PP=2 and at TP=1; (D) whether the policy learned what the reward prefers (checked against
+       transformers on the exported model, with an HF export at the end).
+  pp2: GRPO at PP=2, 3 steps: step 2 with an infinite gradient, step 3 with a NaN loss.
 The reward prefers responses whose first character is a lowercase ASCII letter: a random tiny
 model produces those about a third of the time, so groups have reward variance from step 1.
 """
@@ -56,9 +58,9 @@ class Recorder:
         self.steps: list[dict] = []
         take, gen, step = trainer._next_prompts, None, trainer.train_step
 
-        def train_step():
+        def train_step(*args, **kwargs):
             self.steps.append({"rand": torch.rand(1).item()})
-            return step()
+            return step(*args, **kwargs)
 
         def next_prompts(n):
             items = take(n)
@@ -114,53 +116,163 @@ def preferred_mass(hf_dir: str, prepared) -> float:
     return sum(masses) / len(masses)
 
 
-def scenario_tp2(workdir: Path, hf_dir: str, data_dir: str) -> dict:
-    from megavrl.rl.trainer import Trainer
+# Metrics that measure time or memory rather than the computation: they differ between any two runs.
+UNTIMED_PREFIXES = ("time/", "throughput/", "memory/", "weight_sync/")
 
-    report: dict = {}
-    # A: three uninterrupted steps, checkpoint at 2.
-    a = Trainer(config(workdir, hf_dir, data_dir, "A", **{"parallel.tp": 2, "trainer.total_steps": 3,
-                                                          "checkpoint.save_every": 2}))
-    rank = torch.distributed.get_rank()
-    engine = a.engine
-    rec_a, w0 = Recorder(a), params(a)
-    a.run()
-    rec_a.detach()
-    report["A"] = {"steps": rec_a.steps, "metrics": metrics_of(workdir, "A") if rank == 0 else [],
-                   "weights_changed": changed(w0, params(a))}
-    # B: the same run stopped after step 2, then resumed from its checkpoint to step 3.
-    b1 = Trainer(config(workdir, hf_dir, data_dir, "B", **{"parallel.tp": 2, "trainer.total_steps": 2,
-                                                           "checkpoint.save_every": 2}), engine=engine)
-    rec_b1 = Recorder(b1)  # the same draws as in A, so the RNG streams are comparable
-    b1.run()
-    rec_b1.detach()
-    b2 = Trainer(config(workdir, hf_dir, data_dir, "B", **{"parallel.tp": 2, "trainer.total_steps": 3,
-                                                           "checkpoint.save_every": 2}), engine=engine)
-    rec_b = Recorder(b2)
-    b2.run()
-    rec_b.detach()
-    report["B"] = {"resumed_at": 2, "steps": rec_b.steps, "metrics": metrics_of(workdir, "B") if rank == 0 else []}
-    # C: NaN in the loss of the first step.
-    c = Trainer(config(workdir, hf_dir, data_dir, "C", **{"parallel.tp": 2, "trainer.total_steps": 1}), engine=engine)
-    make = c._loss_fn
-    calls = {"n": 0}
+
+def computed(metrics: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if k != "time" and not k.startswith(UNTIMED_PREFIXES)} for m in metrics]
+
+
+def hf_weights(trainer) -> dict:
+    """Full HF-named weights on rank 0 (every rank drives the gathers): layout-independent."""
+    return {name: t.clone() for name, t in trainer.actor.export_hf_ranks0()}
+
+
+def optimizer_digest(trainer) -> dict:
+    """Sums over every Adam moment, each shard counted once whatever the layout, and Adam's step."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
+
+    sums = torch.zeros(4, dtype=torch.float64)  # sum(m), sum(m^2), sum(v), sum(v^2)
+    for t in nested_values(trainer.actor.sharded_state_dict()["optimizer"]):
+        if not isinstance(t, ShardedTensor) or not is_main_replica(t.replica_id):
+            continue
+        x = t.data.double()
+        if ".exp_avg_sq." in f".{t.key}.":
+            sums[2:] += torch.stack([x.sum(), (x * x).sum()])
+        elif ".exp_avg." in f".{t.key}.":
+            sums[:2] += torch.stack([x.sum(), (x * x).sum()])
+    torch.distributed.all_reduce(sums)
+    return {"sums": sums.tolist(), "adam_step": trainer.actor.optim.adam_step()}
+
+
+def optimizer_tensors(trainer) -> list[torch.Tensor]:
+    opt = trainer.actor.optim.optimizer
+    return [v.detach().clone() for o in getattr(opt, "chained_optimizers", [opt])
+            for state in o.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+
+
+def inf_gradient(trainer, when) -> dict:
+    """Make the loss of the steps ``when(step)`` selects finite but its gradient infinite:
+    d/dx sqrt(x) at x = 0 is inf, and 1e-30 * sqrt(0) adds 0 to the loss."""
+    make, calls = trainer._loss_fn, {"n": 0}
 
     def poisoned(mini):
         fn = make(mini)
 
         def loss(batch, logprobs, entropy):
             value, metrics = fn(batch, logprobs, entropy)
-            if c.step == 0:
+            if when(trainer.step):
                 calls["n"] += 1
+                value = value + 1e-30 * torch.sqrt(logprobs - logprobs.detach()).sum()
+            return value, metrics
+        return loss
+
+    trainer._loss_fn = poisoned
+    return calls
+
+
+def nan_loss(trainer, when) -> None:
+    make = trainer._loss_fn
+
+    def poisoned(mini):
+        fn = make(mini)
+
+        def loss(batch, logprobs, entropy):
+            value, metrics = fn(batch, logprobs, entropy)
+            if when(trainer.step):
                 return value * float("nan"), {**metrics, "loss": float("nan")}
             return value, metrics
         return loss
 
-    c._loss_fn = poisoned
-    wc0 = params(c)
+    trainer._loss_fn = poisoned
+
+
+def snapshot_before_step(trainer, step_index: int) -> dict:
+    """Weights and optimizer tensors right before step ``step_index`` (0-based) runs."""
+    taken, step = {}, trainer.train_step
+
+    def train_step(*args, **kwargs):
+        if trainer.step == step_index:
+            taken.update(params=params(trainer), optim=optimizer_tensors(trainer))
+        return step(*args, **kwargs)
+
+    trainer.train_step = train_step
+    return taken
+
+
+def unchanged(before: dict, trainer) -> bool:
+    return not changed(before["params"], params(trainer)) and not changed(before["optim"], optimizer_tensors(trainer))
+
+
+def scenario_tp2(workdir: Path, hf_dir: str, data_dir: str) -> dict:
+    from megavrl.rl.trainer import NonFiniteStop, Trainer
+
+    report: dict = {}
+    # A: four uninterrupted steps, checkpoint at 2 (and 4, at the end).
+    a = Trainer(config(workdir, hf_dir, data_dir, "A", **{"parallel.tp": 2, "trainer.total_steps": 4,
+                                                          "checkpoint.save_every": 2}))
+    rank = torch.distributed.get_rank()
+    engine = a.engine
+    rec_a, w0 = Recorder(a), params(a)
+    a.run()
+    rec_a.detach()
+    report["A"] = {"steps": rec_a.steps, "metrics": computed(metrics_of(workdir, "A")) if rank == 0 else [],
+                   "weights_changed": changed(w0, params(a)), "optimizer": optimizer_digest(a)}
+    a_weights = hf_weights(a)
+    # B: the same run stopped after step 2, then resumed from its checkpoint to step 4.
+    b1 = Trainer(config(workdir, hf_dir, data_dir, "B", **{"parallel.tp": 2, "trainer.total_steps": 2,
+                                                           "checkpoint.save_every": 2}), engine=engine)
+    rec_b1 = Recorder(b1)  # the same draws as in A, so the RNG streams are comparable
+    b1.run()
+    rec_b1.detach()
+    b2 = Trainer(config(workdir, hf_dir, data_dir, "B", **{"parallel.tp": 2, "trainer.total_steps": 4,
+                                                           "checkpoint.save_every": 2}), engine=engine)
+    rec_b = Recorder(b2)
+    b2.run()
+    rec_b.detach()
+    b_weights = hf_weights(b2)
+    report["B"] = {"resumed_at": 2, "steps": rec_b.steps,
+                   "metrics": computed(metrics_of(workdir, "B")) if rank == 0 else [],
+                   "optimizer": optimizer_digest(b2),
+                   "weights_equal_A": rank != 0 or all(torch.equal(a_weights[k], b_weights[k]) for k in a_weights)}
+    # C: an infinite gradient with a finite loss at step 2 changes nothing, then a run that keeps
+    # producing them stops after trainer.max_consecutive_nonfinite steps, with a checkpoint.
+    # Step 3 then has a NaN loss.
+    c = Trainer(config(workdir, hf_dir, data_dir, "C", **{"parallel.tp": 2, "trainer.total_steps": 3}), engine=engine)
+    calls = inf_gradient(c, when=lambda step: step == 1)
+    nan_loss(c, when=lambda step: step == 2)
+    before = snapshot_before_step(c, 1)
     c.run()
-    report["C"] = {"unchanged_after_nan": not changed(wc0, params(c)), "nonfinite_total": c.nonfinite_total,
-                   "poisoned_calls": calls["n"]}
+    c_metrics = metrics_of(workdir, "C") if rank == 0 else []
+    report["C"] = {"unchanged_after_inf_and_nan": unchanged(before, c), "nonfinite_total": c.nonfinite_total,
+                   "poisoned_calls": calls["n"], "metrics": c_metrics}
+    c2 = Trainer(config(workdir, hf_dir, data_dir, "C2", **{"parallel.tp": 2, "trainer.total_steps": 6,
+                                                            "trainer.max_consecutive_nonfinite": 2}), engine=engine)
+    inf_gradient(c2, when=lambda step: True)
+    try:
+        c2.run()
+        report["C2"] = {"stopped": False}
+    except NonFiniteStop as e:
+        report["C2"] = {"stopped": True, "message": str(e), "step": c2.step,
+                        "checkpoints": [p.name for _, p in c2.ckpt.complete()],
+                        "status": json.loads((workdir / "C2" / "run_status.json").read_text()) if rank == 0 else {}}
+    # E: A's final checkpoint (TP=2, with optimizer) resumed at PP=2 and at TP=1 (DP=2): weights
+    # and Adam state resharded, per-rank RNG restarted; then one more step at that layout.
+    ckpt = str(workdir / "A" / "checkpoints" / "step_00000004")
+    for name, over in (("E_pp2", {"parallel.pp": 2}), ("E_tp1", {"parallel.tp": 1})):
+        e = Trainer(config(workdir, hf_dir, data_dir, name, **over, **{"trainer.total_steps": 5,
+                                                                       "checkpoint.resume": ckpt}), engine=engine)
+        loaded = {"optimizer": optimizer_digest(e), "step": e.step}
+        e_weights = hf_weights(e)
+        if rank == 0:
+            loaded["weights_equal_A"] = all(torch.equal(a_weights[k], e_weights[k]) for k in a_weights)
+        w_e = params(e)
+        e.run()
+        loaded["trained"] = changed(w_e, params(e))
+        loaded["metrics"] = computed(metrics_of(workdir, name)) if rank == 0 else []
+        report[name] = loaded
     # D: learning. Short responses and a larger step size make the signal clear in 6 steps; the
     # exported model is checked with transformers.
     d = Trainer(config(workdir, hf_dir, data_dir, "D", **{"parallel.tp": 2, "trainer.total_steps": 6,
@@ -180,12 +292,16 @@ def scenario_tp2(workdir: Path, hf_dir: str, data_dir: str) -> dict:
 def scenario_pp2(workdir: Path, hf_dir: str, data_dir: str) -> dict:
     from megavrl.rl.trainer import Trainer
 
-    t = Trainer(config(workdir, hf_dir, data_dir, "P", **{"parallel.pp": 2, "trainer.total_steps": 2}))
+    t = Trainer(config(workdir, hf_dir, data_dir, "P", **{"parallel.pp": 2, "trainer.total_steps": 3}))
+    calls = inf_gradient(t, when=lambda step: step == 1)  # step 2 of 3: an infinite gradient
+    nan_loss(t, when=lambda step: step == 2)  # step 3: a NaN loss
+    before = snapshot_before_step(t, 1)
     w0 = params(t)
     t.run()
     rank = torch.distributed.get_rank()
     return {"weights_changed": changed(w0, params(t)), "metrics": metrics_of(workdir, "P") if rank == 0 else [],
-            "last_stage": t.actor.is_last_stage}
+            "last_stage": t.actor.is_last_stage, "unchanged_after_inf": unchanged(before, t),
+            "nonfinite_total": t.nonfinite_total, "poisoned_calls": calls["n"]}
 
 
 def main() -> None:
