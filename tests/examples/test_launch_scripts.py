@@ -92,6 +92,23 @@ def _printed_command(stdout: str) -> list[str]:
     return shlex.split(lines[0][2:])
 
 
+def _signal_once_started(cmd: list[str], env: dict, pid_files: list[Path], sig: int):
+    """Start ``cmd``, wait until every torchrun stand-in wrote its pid file, send ``sig`` to ``cmd``;
+    returns (the finished process, its output)."""
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not all(f.exists() for f in pid_files):
+            assert proc.poll() is None and time.monotonic() < deadline, "the torchrun stand-ins did not start"
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc, output
+
+
 def _torchrun_args(nnodes, node_rank, nproc, endpoint, rdzv_id, config, *overrides):
     return ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--nproc-per-node", str(nproc),
             "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", rdzv_id,
@@ -133,18 +150,7 @@ def test_torchrun_script_forwards_sigterm_and_reports_an_interruption(stubs, tmp
     env.update(STUB_GPUS="0", STUB_TORCHRUN_BLOCK="1", MEGAVRL_STATUS_FILE=str(tmp_path / "status.json"))
     if saved:
         env["STUB_STATUS"] = '{"status": "interrupted", "step": 7}'
-    proc = subprocess.Popen(["bash", str(TORCHRUN_SH)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    try:
-        deadline = time.monotonic() + 30
-        while not (out / "torchrun.local.pid").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "the torchrun stand-in did not start"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc, output = _signal_once_started(["bash", str(TORCHRUN_SH)], env, [out / "torchrun.local.pid"], signal.SIGTERM)
     assert (out / "torchrun.local.signal").read_text().strip() == "TERM"
     assert proc.returncode == expected_rc, output
     if saved:
@@ -227,18 +233,8 @@ def test_time_limit_signal_checkpoints_every_node_then_requeues(stubs):
     """SIGUSR1 (the --signal=B:USR1@180 warning) -> SIGTERM to each node's torchrun -> requeue."""
     out, env = stubs
     env = _slurm_env(env, STUB_TORCHRUN_BLOCK="1")
-    proc = subprocess.Popen(["bash", str(SBATCH)], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 30
-        while not all((out / f"torchrun.{n}.pid").exists() for n in (0, 1)):
-            assert proc.poll() is None and time.monotonic() < deadline, "the torchrun stand-ins did not start"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGUSR1)
-        output, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc, output = _signal_once_started(["bash", str(SBATCH)], env, [out / f"torchrun.{n}.pid" for n in (0, 1)],
+                                        signal.SIGUSR1)
     assert proc.returncode == 0, output
     assert (out / "scancel.calls").read_text().splitlines() == ["--signal=TERM 4242"]
     for node in (0, 1):
