@@ -7,6 +7,7 @@ from dataclasses import dataclass
 ANSWER_POSITIONS = ("last", "first")
 FORMAT_MODES = ("strict", "lenient")
 TIMESTAMP_UNITS = ("seconds", "fraction")
+PRESETS = ("megavrl", "temporal_r1")
 
 
 @dataclass
@@ -27,6 +28,11 @@ class RewardConfig:
         timestamp_unit: how bare numbers in a predicted span are read: "seconds" (default) or
             "fraction" of the video duration. Clock times ("01:05") and numbers with a unit
             ("12.5s") are always seconds. A row may override it with its own ``timestamp_unit``.
+        preset: "megavrl" (default: the rewards above) or "temporal_r1": the tvg reward of the public
+            Temporal-R1 code (``megavrl.rewards.temporal_r1``: a JSON span in the first answer block,
+            its own format check, no clipping, reversed span = 0, 0.5 format + 0.5 IoU); the
+            weights, ``format_mode``, ``answer_position`` and ``timestamp_unit`` above then do not
+            apply to tvg. mcq and gqa keep megavrl's rewards (Temporal-R1 publishes none for them).
     """
 
     answer_position: str = "last"
@@ -37,11 +43,13 @@ class RewardConfig:
     gqa_choice_weight: float = 1.0
     gqa_iou_weight: float = 1.0
     timestamp_unit: str = "seconds"
+    preset: str = "megavrl"
 
     def __post_init__(self) -> None:
         _check_choice("reward.answer_position", self.answer_position, ANSWER_POSITIONS)
         _check_choice("reward.format_mode", self.format_mode, FORMAT_MODES)
         _check_choice("reward.timestamp_unit", self.timestamp_unit, TIMESTAMP_UNITS)
+        _check_choice("reward.preset", self.preset, PRESETS)
         for name in ("format_weight", "iou_weight", "choice_weight", "gqa_choice_weight", "gqa_iou_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

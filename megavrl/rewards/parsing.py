@@ -77,15 +77,23 @@ def extract_answer(response: object, position: str = "last", fallback_to_respons
 # ---------------------------------------------------------------------------------------------
 # Timestamps and spans
 # ---------------------------------------------------------------------------------------------
-# One time value: a clock time (m:ss, h:mm:ss, optional fraction) or a plain decimal number. The
-# look-behind stops a match from starting inside another number (keeps scanning linear); the
-# look-ahead stops it from ending inside one ("12" out of "123" or "12.5").
-_TIME = r"(?<![\d.:])(?:\d+(?::\d{1,2}){1,2}(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)(?![\d:]|\.\d)"
+# One time value: an optional minus sign, then a clock time (m:ss, h:mm:ss, optional fraction) or a
+# plain decimal number with an optional exponent ("1.73e+01"). The sign counts only where it cannot
+# be a range dash ("12-17" is a range, "-1.5 to 17.7" starts below zero): it must not follow a word
+# character, a dot, a colon or another dash. The look-behind on the digits stops a match from
+# starting inside another number (keeps scanning linear); the look-ahead stops it from ending inside
+# one ("12" out of "123", "12.5" or "1.5e3").
+_SIGN = r"(?:(?<![\w.:\-\u2212])[-\u2212])?"
+_DIGITS = r"(?:\d+(?::\d{1,2}){1,2}(?:\.\d+)?|(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][+-]?\d+)?)"
+_TIME = rf"{_SIGN}(?<![\d.:])(?:{_DIGITS})(?![\d:]|\.\d|[eE][+-]?\d)"
 _UNIT = r"(?:seconds|second|secs|sec|s)\b"
 # Two groups: value, unit. The unit's leading whitespace sits inside the optional group, so that two
 # adjacent ``\s*`` never compete for one run of spaces (that would be quadratic).
 _T = rf"({_TIME})(?:\s*({_UNIT}))?"
 _FLAGS = re.IGNORECASE | re.ASCII
+# Range dashes: ASCII hyphen(s) (also as an arrow "-->"), the unicode hyphen, figure dash, en dash,
+# em dash, horizontal bar, minus sign and the arrow U+2192.
+_DASH = r"(?:-+>?|[\u2010-\u2015\u2212\u2192])"
 
 # "start_time": 12.5 / start=12.5 / "the start time is 12.5" / "it begins at 12.5" (and the same for end)
 _START_KEY = r"(?:start|begin)(?:s|ning)?(?:[_ -]?time(?:stamp)?)?"
@@ -95,14 +103,21 @@ _KV_START = re.compile(rf"(?<![A-Za-z_]){_START_KEY}{_KV_SEP}{_T}", _FLAGS)
 _KV_END = re.compile(rf"(?<![A-Za-z_]){_END_KEY}{_KV_SEP}{_T}", _FLAGS)
 _BRACKET_PAIR = re.compile(rf"[\[(]\s*{_T}\s*[,;]\s*{_T}\s*[\])]", _FLAGS)
 _RANGE_PAIR = re.compile(
-    rf"{_T}\s*(?:-+|\u2013|\u2014|~|\bto\b|\btill\b|\buntil\b|\bthrough\b|\band\b)\s*{_T}", _FLAGS)
+    rf"{_T}\s*(?:{_DASH}|~|\bto\b|\btill\b|\buntil\b|\bthrough\b|\band\b)\s*{_T}", _FLAGS)
 _LIST_PAIR = re.compile(rf"{_T}\s*[,;]\s*{_T}", _FLAGS)
 _SPACE_PAIR = re.compile(rf"{_T}\s+{_T}", _FLAGS)
+# A decimal comma: digits, one comma, digits, with nothing numeric glued on either side ("3,5" but
+# not "1,2,3", "12.5,17.8" or "12,17.8").
+_DECIMAL_COMMA = re.compile(r"(?<![\d,.])(\d+),(\d+)(?!\d|[.,]\d)")
 _ONE_TIME = re.compile(rf"^\s*{_T}\s*$", _FLAGS)
 
 
 def _time_value(token: str) -> Optional[float]:
-    """Seconds in a clock time ("1:05" = 65, "1:02:03" = 3723) or the value of a plain number."""
+    """Seconds in a clock time ("1:05" = 65, "1:02:03.5" = 3723.5) or the value of a plain number
+    ("12.5", "1.73e+01"), negated when the token starts with a minus sign (ASCII or U+2212)."""
+    sign = 1.0
+    if token[:1] in ("-", "\u2212"):
+        sign, token = -1.0, token[1:]
     try:
         parts = [float(p) for p in token.split(":")]
     except ValueError:
@@ -115,6 +130,7 @@ def _time_value(token: str) -> Optional[float]:
         value = parts[0] * 3600.0 + parts[1] * 60.0 + parts[2]
     else:
         return None
+    value *= sign
     return value if math.isfinite(value) else None
 
 
@@ -130,36 +146,26 @@ def _to_seconds(token: str, unit: Optional[str], timestamp_unit: str, duration: 
     return value if math.isfinite(value) else None
 
 
+def with_decimal_points(text: str) -> str:
+    """``text`` with every decimal comma written as a point: "3,5 s" -> "3.5 s", "3,0 to 7,8" -> "3.0 to 7.8".
+
+    A decimal comma is one comma between two runs of digits with no space around it and nothing
+    numeric glued on either side; "12, 17", "1,2,3", "12.5,17.8" and "12,17.8" are left alone.
+    """
+    return _DECIMAL_COMMA.sub(r"\1.\2", text)
+
+
 def parse_timestamp(text: object) -> Optional[float]:
-    """One time value in seconds: "12.5", "12.5s", "12.5 seconds", "01:05" (=65), "1:02:03" (=3723).
+    """One time value in seconds: "12.5", "12.5s", "12.5 seconds", "01:05" (=65), "1:02:03.250"
+    (=3723.25), "1.73e+01" (=17.3), "-1.5", "3,5 s" (decimal comma, =3.5).
 
     Returns None when ``text`` is not exactly one time value.
     """
-    match = _ONE_TIME.match(as_text(text))
+    match = _ONE_TIME.match(with_decimal_points(as_text(text)))
     return _time_value(match.group(1)) if match else None
 
 
-def parse_span(text: object, duration: Optional[float] = None, timestamp_unit: str = "seconds") -> Optional[Span]:
-    """The first (start, end) span in ``text``, in seconds, with start <= end (reversed pairs swapped).
-
-    Recognised, in order of precedence:
-      1. key/value pairs, as in JSON: ``{"start_time": 12.5, "end_time": "17.8"}`` (also
-         start/begin/end keys, ``=``, single quotes, string values such as "00:12" or "12.5s",
-         and "starts at 12.5 ... ends at 17.8", "the start time is 12.5 ...");
-      2. brackets: ``[12.5, 17.8]``, ``(12.5; 17.8)``;
-      3. ranges: ``12.5 to 17.8``, ``from 12.5s to 17.8s``, ``12.5 - 17.8``, ``00:12 - 00:17``,
-         ``between 12.5 and 17.8 seconds``, ``12.5~17.8``;
-      4. a comma-separated pair ``12.5, 17.8``, then a space-separated pair ``12.5 17.8``.
-    Times are plain numbers, clock times (mm:ss, hh:mm:ss) and numbers with a unit (s, sec,
-    seconds). With ``timestamp_unit="fraction"``, bare numbers are fractions of ``duration``
-    (seconds = number * duration); clock times and numbers with a unit stay seconds.
-
-    The span is not clipped here (``temporal_iou`` clips to the duration). Returns None when no
-    span is found or a value is not finite.
-    """
-    if timestamp_unit not in ("seconds", "fraction"):
-        raise ValueError(f"timestamp_unit={timestamp_unit!r} is not one of 'seconds', 'fraction'")
-    source = as_text(text)
+def _find_span(source: str, duration: Optional[float], timestamp_unit: str) -> Optional[Span]:
     pair: Optional[tuple[str, Optional[str], str, Optional[str]]] = None
     start_match, end_match = _KV_START.search(source), _KV_END.search(source)
     if start_match and end_match:
@@ -177,6 +183,43 @@ def parse_span(text: object, duration: Optional[float] = None, timestamp_unit: s
     if start is None or end is None:
         return None
     return (start, end) if start <= end else (end, start)
+
+
+def parse_span(text: object, duration: Optional[float] = None, timestamp_unit: str = "seconds") -> Optional[Span]:
+    """The first (start, end) span in ``text``, in seconds, with start <= end (reversed pairs swapped).
+
+    Recognised, in order of precedence:
+      1. key/value pairs, as in JSON: ``{"start_time": 12.5, "end_time": "17.8"}`` (also
+         start/begin/end keys, ``=``, single quotes, string values such as "00:12", "12.5s" or
+         "-1.4", and "starts at 12.5 ... ends at 17.8", "the start time is 12.5 ...");
+      2. brackets: ``[12.5, 17.8]``, ``(12.5; 17.8)``;
+      3. ranges: ``12.5 to 17.8``, ``from 12.5s to 17.8s``, ``12.5 - 17.8``, ``12.5 – 17.8`` (any
+         unicode dash), ``00:12 - 00:17``, ``between 12.5 and 17.8 seconds``, ``12.5~17.8``;
+      4. a comma-separated pair ``12.5, 17.8``, then a space-separated pair ``12.5 17.8``.
+    Times are plain numbers (``17.3``, ``1.73e+01``), clock times (mm:ss, h:mm:ss, h:mm:ss.ms) and
+    numbers with a unit (s, sec, seconds). A minus sign makes a number negative where it cannot be
+    a range dash: ``-1.5 to 17.7`` is (-1.5, 17.7), ``12-17`` is (12, 17).
+
+    Decimal commas: the text is first read with every decimal comma (see ``with_decimal_points``)
+    as a point, so ``3,0 to 7,8`` is (3.0, 7.8) and ``3,5 s - 9 s`` is (3.5, 9.0); only when that
+    reading finds no span is the comma read as a separator, so ``[12,17]`` and ``12,17`` stay
+    the pair (12, 17).
+
+    With ``timestamp_unit="fraction"``, bare numbers are fractions of ``duration`` (seconds =
+    number * duration); clock times and numbers with a unit stay seconds.
+
+    The span is not clipped here: a negative start stays negative (the training reward's
+    ``temporal_iou`` clips to [0, duration]; the evaluation metrics, like lmms-eval and NExT-GQA,
+    do not clip). Returns None when no span is found or a value is not finite.
+    """
+    if timestamp_unit not in ("seconds", "fraction"):
+        raise ValueError(f"timestamp_unit={timestamp_unit!r} is not one of 'seconds', 'fraction'")
+    source = as_text(text)
+    pointed = with_decimal_points(source)
+    span = _find_span(pointed, duration, timestamp_unit)
+    if span is None and pointed != source:
+        span = _find_span(source, duration, timestamp_unit)
+    return span
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from megavrl.rewards.iou import temporal_iou
 from megavrl.rewards.parsing import (Span, as_text, extract_answer, normalize_text, parse_choice,
                                      parse_letter_answer, parse_span)
 from megavrl.rewards.registry import RewardResult, register_reward, sample_field
+from megavrl.rewards.temporal_r1 import (TEMPORAL_R1_WEIGHTS, temporal_r1_format_reward, temporal_r1_iou,
+                                         temporal_r1_span)
 
 
 class InvalidSampleError(ValueError):
@@ -41,18 +43,45 @@ def ground_truth_duration(sample: Any) -> Optional[float]:
     return duration
 
 
-def ground_truth_span(sample: Any) -> Span:
-    """The row's ``timestamps`` as (start, end) seconds. Raises ValueError when missing or malformed."""
-    value = sample_field(sample, "timestamps")
+def _segment(value: Any, what: str) -> Span:
     if value is None or isinstance(value, (str, bytes)):
-        raise InvalidSampleError(f"timestamps={value!r} is not a [start, end] pair in seconds")
+        raise InvalidSampleError(f"{what}={value!r} is not a [start, end] pair in seconds")
     try:
         start, end = (float(v) for v in value)
     except (TypeError, ValueError):
-        raise InvalidSampleError(f"timestamps={value!r} is not a [start, end] pair in seconds") from None
+        raise InvalidSampleError(f"{what}={value!r} is not a [start, end] pair in seconds") from None
     if not (math.isfinite(start) and math.isfinite(end)) or start < 0 or end < start:
-        raise InvalidSampleError(f"timestamps={value!r} must satisfy 0 <= start <= end")
+        raise InvalidSampleError(f"{what}={value!r} must satisfy 0 <= start <= end")
     return start, end
+
+
+def _is_pair_list(value: Any) -> bool:
+    return (isinstance(value, (list, tuple)) and bool(value)
+            and all(isinstance(v, (list, tuple)) for v in value))
+
+
+def ground_truth_segments(sample: Any) -> list[Span]:
+    """Every ground-truth segment of the row, as (start, end) seconds, in order.
+
+    Read from ``meta["spans"]`` when the row has it (the NExT-GQA reader puts every annotated
+    segment there), else from ``timestamps``, which may be one pair ``[s, e]`` or a list of pairs.
+    Raises InvalidSampleError when missing or when a segment is not 0 <= start <= end.
+    """
+    meta = sample_field(sample, "meta")
+    spans = meta.get("spans") if isinstance(meta, dict) else None
+    if spans is not None:
+        if not _is_pair_list(spans):
+            raise InvalidSampleError(f"meta.spans={spans!r} is not a list of [start, end] pairs in seconds")
+        return [_segment(span, "meta.spans segment") for span in spans]
+    value = sample_field(sample, "timestamps")
+    if _is_pair_list(value):
+        return [_segment(span, "timestamps segment") for span in value]
+    return [_segment(value, "timestamps")]
+
+
+def ground_truth_span(sample: Any) -> Span:
+    """The row's first ground-truth segment as (start, end) seconds (see ``ground_truth_segments``)."""
+    return ground_truth_segments(sample)[0]
 
 
 def _timestamp_unit(sample: Any, config: RewardConfig) -> str:
@@ -93,7 +122,8 @@ class _Truth:
     options: Optional[list] = None
     letter: Optional[str] = None  # the answer's option letter; None for a free-text answer
     reference: str = ""  # the answer text
-    span: Optional[Span] = None
+    span: Optional[Span] = None  # the first segment
+    segments: list = None  # every segment; the prediction is scored against the best-overlapping one
     duration: Optional[float] = None
     unit: str = "seconds"
 
@@ -104,7 +134,8 @@ def _ground_truth(names: tuple[str, ...], sample: Any, config: RewardConfig) -> 
         truth.options = _options(sample)
         truth.letter, truth.reference = _reference_answer(sample, truth.options)
     if "iou" in names:
-        truth.span = ground_truth_span(sample)
+        truth.segments = ground_truth_segments(sample)
+        truth.span = truth.segments[0]
         truth.duration = ground_truth_duration(sample)
         truth.unit = _timestamp_unit(sample, config)
         if truth.unit == "fraction" and truth.duration is None:
@@ -136,12 +167,13 @@ def _choice_score(answer: str, truth: _Truth, parsed: dict) -> tuple[float, Opti
 
 
 def _iou_score(answer: str, truth: _Truth, parsed: dict) -> tuple[float, Optional[str]]:
-    """(temporal IoU, parse error or None) of the span in an answer text against the row's span."""
+    """(temporal IoU, parse error or None) of the span in an answer text against the row's segments:
+    the IoU with the best-overlapping segment (NExT-GQA's rule; one segment for tvg)."""
     span = parse_span(answer, truth.duration, truth.unit)
     parsed["span"] = span
     if span is None:
         return 0.0, "no time span in the answer"
-    return temporal_iou(span, truth.span, truth.duration), None
+    return max(temporal_iou(span, segment, truth.duration) for segment in truth.segments), None
 
 
 def _reward(names: tuple[str, ...], weights: dict[str, float], response: str, sample: Any,
@@ -197,9 +229,32 @@ def temporal_grounding_reward(response: str, sample: Any, config: RewardConfig) 
     """Temporal video grounding: ``format_weight * format + iou_weight * IoU(pred span, timestamps)``.
 
     Components: ``format`` (0/1), ``iou`` (in [0, 1], seconds, clipped to the duration).
+    With ``config.preset == "temporal_r1"``: Temporal-R1's reward (``_temporal_r1_reward``).
     """
+    if config.preset == "temporal_r1":
+        return _temporal_r1_reward(response, sample, config)
     return _reward(_TASK_COMPONENTS["tvg"], {"format": config.format_weight, "iou": config.iou_weight},
                    response, sample, config)
+
+
+def _temporal_r1_reward(response: str, sample: Any, config: RewardConfig) -> RewardResult:
+    """``0.5 * format + 0.5 * IoU`` as the public Temporal-R1 code computes them (``megavrl.rewards.temporal_r1``).
+
+    The IoU is taken with the best-overlapping ground-truth segment (a tvg row has one).
+    """
+    try:
+        segments = ground_truth_segments(sample)
+    except InvalidSampleError as exc:
+        return RewardResult(total=0.0, components={"format": 0.0, "iou": 0.0}, parsed={}, parse_ok=False,
+                            error=f"invalid sample {sample_field(sample, 'id')!r}: {exc}", invalid_sample=True)
+    fmt = temporal_r1_format_reward(response)
+    span = temporal_r1_span(response)
+    iou = max(temporal_r1_iou(span, segment) for segment in segments) if span is not None else 0.0
+    components = {"format": fmt, "iou": iou}
+    total = sum(TEMPORAL_R1_WEIGHTS[name] * value for name, value in components.items())
+    error = None if span is not None else 'no {"start_time": .., "end_time": ..} JSON in the first <answer> block'
+    return RewardResult(total=float(total), components=components, parsed={"span": span},
+                        parse_ok=span is not None, error=error)
 
 
 @register_reward("mcq")

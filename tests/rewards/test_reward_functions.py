@@ -273,7 +273,8 @@ def test_a_raising_reward_function_is_caught_and_reported():
 def test_reward_config_fields_defaults_and_validation():
     assert [(f.name, f.default) for f in fields(RewardConfig)] == [
         ("answer_position", "last"), ("format_mode", "strict"), ("format_weight", 1.0), ("iou_weight", 1.0),
-        ("choice_weight", 1.0), ("gqa_choice_weight", 1.0), ("gqa_iou_weight", 1.0), ("timestamp_unit", "seconds")]
+        ("choice_weight", 1.0), ("gqa_choice_weight", 1.0), ("gqa_iou_weight", 1.0), ("timestamp_unit", "seconds"),
+        ("preset", "megavrl")]
     assert score("tvg", wrap("[10, 20]"), TVG, asdict(RewardConfig(iou_weight=3.0))).total == 4.0
     with pytest.raises(ValueError, match="format_mode"):
         RewardConfig(format_mode="loose")
@@ -281,6 +282,8 @@ def test_reward_config_fields_defaults_and_validation():
         RewardConfig(answer_position="middle")
     with pytest.raises(ValueError, match="timestamp_unit"):
         RewardConfig(timestamp_unit="frames")
+    with pytest.raises(ValueError, match="reward.preset='r1'"):
+        RewardConfig(preset="r1")
     with pytest.raises(ValueError, match="iou_weight"):
         RewardConfig(iou_weight=float("nan"))
 
