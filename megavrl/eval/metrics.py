@@ -1,48 +1,51 @@
 """Evaluation metrics: temporal grounding, multiple choice and grounded QA, per benchmark and overall.
 
-Every metric is a percentage in [0, 100], computed over all valid samples of a benchmark. A
-response whose answer cannot be parsed is a sample like any other: it scores IoU 0, IoP 0 and
-"wrong", and is counted in ``n_parse_failures``. A sample whose *ground truth* is unusable is
-left out of every denominator and counted in ``n_invalid``. A benchmark with no valid sample
-reports ``None`` for each metric (``null`` in JSON) and is left out of the overall score.
+Every metric is a percentage in [0, 100]. A sample whose *ground truth* is unusable is left out of
+every denominator and counted in ``n_invalid``; a response whose answer cannot be parsed is counted
+in ``n_parse_failures``. A benchmark with no valid sample reports ``None`` for each metric (``null``
+in JSON) and is left out of the overall score. Each metric follows one public script, with its
+arithmetic (operation order included), so that a value on a threshold falls on the same side:
 
-Definitions, with their sources:
+Temporal video grounding (task "tvg"): lmms-eval, ``lmms_eval/tasks/charades_sta/eval_tvg.py``
+(also used for ActivityNet Captions)::
 
-Temporal video grounding (task "tvg"), as lmms-eval's Charades-STA evaluation
-(``lmms_eval/tasks/charades_sta/eval_tvg.py``)::
+    IoU_i = max(min(p_e, g_e) - max(p_s, g_s), 0) / (max(p_e, g_e) - min(p_s, g_s))     [seconds]
+    mIoU  = sum_i IoU_i * 100 / n,   R@t = #{i : IoU_i >= t} * 100 / n,   t in (0.3, 0.5, 0.7)
 
-    IoU_i    = max(min(p_e, g_e) - max(p_s, g_s), 0) / (max(p_e, g_e) - min(p_s, g_s))   [seconds]
-    mIoU     = 100 * sum_i IoU_i / n
-    R@t      = 100 * #{i : IoU_i >= t} / n          for t in (0.3, 0.5, 0.7)
+  A reversed predicted pair is swapped first (lmms-eval's ``extract_time`` does). An unparsable
+  prediction is replaced by lmms-eval with [g_e + 10, g_e + 20], disjoint from the truth: IoU 0,
+  still in n; so here. No clipping to the video (lmms-eval does not clip; the training reward does).
 
-  lmms-eval replaces an unparsable prediction by the span [g_e + 10, g_e + 20], which is disjoint
-  from the ground truth: its IoU is 0 and it stays in n. So it does here. Spans are not clipped
-  to the video duration (lmms-eval does not clip either; the training reward does). The union
-  is computed as |p| + |g| - |p ∩ g| by ``megavrl.rewards.temporal_iou``, which equals the hull
-  above whenever the spans overlap and gives 0 with it when they do not.
+Multiple choice (task "mcq"): lmms-eval, ``lmms_eval/tasks/mvbench/utils.py`` (``mcq_acc``,
+``mvbench_aggregate_results``)::
 
-Multiple choice (task "mcq"), as lmms-eval's NExT-QA multiple choice (``exact_match``,
-aggregation ``mean``, in percent here)::
+    accuracy          = 100 * #{process(pred_i) == process(answer letter_i)} / n     (primary)
+    accuracy_nonempty = 100 * #{correct and response_i != ""} / #{response_i != ""}  (lmms-eval's aggregate)
+    accuracy_lenient  = 100 * #{megavrl's parse_choice gives the answer letter} / n  (secondary)
 
-    accuracy          = 100 * #{i : predicted letter_i == answer letter_i} / n
-    accuracy_nonempty = 100 * #{correct} / #{i : response_i != ""}
+  ``process`` is lmms-eval's answer extraction (``lmms_eval_choice``): a leading "B. ..." gives B,
+  else punctuation is stripped, the text lower-cased, and the first stand-alone letter A-E (any
+  case, so the article "a" reads as A) is the answer, else the whole processed text. "A or B"
+  thus reads A. ``pred`` is the content of the answer block (``reward.answer_position``), or the
+  whole response when it has none (lmms-eval's Qwen2.5-VL wrapper hands it the whole response;
+  on an R1-style response that would read the first stray letter of the reasoning).
+  ``accuracy_lenient`` is megavrl's own reading (also credits an answer that gives only the
+  option's text); it is what the training reward uses.
 
-  ``accuracy_nonempty`` is lmms-eval's MVBench aggregate (``mvbench_aggregate_results`` leaves
-  literally empty responses out of the denominator); it is reported so that MVBench numbers can
-  be compared, but ``accuracy`` (every sample counted) is the primary metric. lmms-eval's NExT-QA
-  parser picks a random letter when it finds none; here such a response is wrong.
+Grounded QA (task "gqa"): NExT-GQA, ``code/TempGQA/eval_ground.py`` of doc-doc/NExT-GQA
+(Xiao et al., CVPR 2024)::
 
-Grounded QA (task "gqa"), as NExT-GQA (Xiao et al., CVPR 2024, "Can I Trust Your Answer?
-Visually Grounded Video Question Answering"; ``code/TempGQA/eval_ground.py`` of
-doc-doc/NExT-GQA)::
+    per segment (loc) and prediction (span): point span -> (0, 1 if loc_s <= span_s <= loc_e else 0);
+      inter = min(loc_e, span_e) - max(loc_s, span_s), IoU = inter / (max(ends) - min(starts)),
+      IoP = inter / (span_e - span_s)
+    IoU_i, IoP_i = max(0, max over the segments)        (the best-overlapping segment)
+    over the m questions WITH a predicted span (the official script skips the others):
+      mIoU = sum IoU_i / m * 100,  IoU@t = #{IoU_i >= t} / m * 100,  the same for IoP,
+      Acc@GQA = #{IoP_i >= 0.5 and answer correct} / m * 100
+    Acc@QA = #{answer correct} / n * 100 over all n questions (NExT-QA's accuracy)
 
-    IoU_i    = max over the ground-truth segments of IoU(pred_i, segment)   (0 when disjoint)
-    IoP_i    = max over the ground-truth segments of |pred_i ∩ segment| / |pred_i|
-               (a zero-length prediction: 1 if it lies inside the segment, else 0)
-    Acc@QA   = 100 * #{answer correct} / n
-    mIoU, IoU@0.3, IoU@0.5 = 100 * mean IoU, 100 * #{IoU_i >= t} / n
-    mIoP, IoP@0.3, IoP@0.5 = 100 * mean IoP, 100 * #{IoP_i >= t} / n
-    Acc@GQA  = 100 * #{answer correct and IoP_i >= 0.5} / n
+  ``n_no_span`` counts the questions left out of the grounding denominators. No clipping
+  (the official script clips neither end); reversed predicted pairs are swapped, as for tvg.
 
 Overall: ``mean_primary`` is the unweighted mean, over the benchmarks with at least one valid
 sample, of each benchmark's primary metric (``PRIMARY_METRIC``: mIoU for "tvg", accuracy for
@@ -50,10 +53,12 @@ sample, of each benchmark's primary metric (``PRIMARY_METRIC``: mIoU for "tvg", 
 """
 from __future__ import annotations
 
+import math
+import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from megavrl.log import get_logger
-from megavrl.rewards.iou import as_span, temporal_iou
+from megavrl.rewards.iou import as_span
 
 logger = get_logger(__name__)
 
@@ -68,11 +73,14 @@ GQA_IOP_THRESHOLD = 0.5
 
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "tvg": ("mIoU",) + tuple(f"R@{t}" for t in RECALL_THRESHOLDS),
-    "mcq": ("accuracy", "accuracy_nonempty"),
+    "mcq": ("accuracy", "accuracy_nonempty", "accuracy_lenient"),
     "gqa": ("Acc@QA", "Acc@GQA", "mIoU") + tuple(f"IoU@{t}" for t in GQA_THRESHOLDS)
            + ("mIoP",) + tuple(f"IoP@{t}" for t in GQA_THRESHOLDS),
 }
 """The metrics reported for each task, in report order."""
+
+TASK_COUNTS: dict[str, tuple[str, ...]] = {"gqa": ("n_no_span",)}
+"""Counts reported for a task besides n, n_parse_failures and n_invalid."""
 
 PRIMARY_METRIC: dict[str, str] = {"tvg": "mIoU", "mcq": "accuracy", "gqa": "Acc@GQA"}
 """The metric of each task that enters the overall score."""
@@ -84,39 +92,139 @@ TASK_TITLES: dict[str, str] = {"tvg": "Temporal video grounding", "mcq": "Multip
 # ---------------------------------------------------------------------------------------------
 # Overlaps of two spans
 # ---------------------------------------------------------------------------------------------
+def ordered_span(value: object) -> Optional[Span]:
+    """A predicted (start, end) pair of finite seconds with a reversed pair swapped, else None.
+
+    Every evaluation path (a raw response, an already parsed prediction) goes through it, as
+    lmms-eval's ``extract_time`` swaps a reversed pair.
+    """
+    if value is None or isinstance(value, (str, bytes, Mapping)):
+        return None
+    try:
+        start, end = (float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if not (math.isfinite(start) and math.isfinite(end)):
+        return None
+    return (start, end) if start <= end else (end, start)
+
+
+def lmms_eval_iou(pred: Sequence[float], gt: Sequence[float]) -> float:
+    """IoU of two ordered (start, end) spans in lmms-eval's arithmetic (``eval_tvg.py``'s ``iou``).
+
+    ``max(min(p_e, g_e) - max(p_s, g_s), 0) / (max(p_e, g_e) - min(p_s, g_s))``, no clipping; 0.0 for
+    an empty union (lmms-eval would divide by zero; it cannot happen with a non-empty ground truth).
+    """
+    union = max(pred[1], gt[1]) - min(pred[0], gt[0])
+    if union <= 0:
+        return 0.0
+    return max(min(pred[1], gt[1]) - max(pred[0], gt[0]), 0) / union
+
+
+def next_gqa_overlap(pred: Sequence[float], segment: Sequence[float]) -> tuple[float, float]:
+    """(IoU, IoP) of an ordered prediction with one ground-truth segment, as NExT-GQA's ``get_tIoU``.
+
+    May be negative for disjoint spans (the official maximum starts at 0, see ``best_overlap``).
+    """
+    if pred[0] == pred[1]:
+        return 0.0, (1.0 if segment[0] <= pred[0] <= segment[1] else 0.0)
+    inter = min(segment[1], pred[1]) - max(segment[0], pred[0])
+    hull = max(segment[1], pred[1]) - min(segment[0], pred[0])
+    iou = inter / hull if hull > 0 else 0.0
+    iop = inter / (pred[1] - pred[0]) if pred[1] > pred[0] else 0.0
+    return iou, iop
+
+
 def temporal_iop(pred: object, gt: object) -> float:
     """Intersection over prediction of two (start, end) spans in seconds, as NExT-GQA defines it.
 
     Returns ``|pred ∩ gt| / |pred|`` in [0, 1]; for a zero-length prediction, 1.0 when the point
-    lies inside ``gt`` (bounds included) and 0.0 otherwise. An invalid span gives 0.0.
+    lies inside ``gt`` (bounds included) and 0.0 otherwise. An invalid span gives 0.0; a reversed
+    prediction is swapped.
     """
-    p, g = as_span(pred), as_span(gt)
+    p, g = ordered_span(pred), as_span(gt)
     if p is None or g is None:
         return 0.0
-    if p[0] == p[1]:
-        return 1.0 if g[0] <= p[0] <= g[1] else 0.0
-    inter = min(p[1], g[1]) - max(p[0], g[0])
-    return min(1.0, max(0.0, inter / (p[1] - p[0])))
+    return max(0.0, next_gqa_overlap(p, g)[1])
 
 
 def best_overlap(pred: object, segments: Sequence[Span]) -> tuple[float, float]:
-    """(max IoU, max IoP) of ``pred`` over the ground-truth ``segments`` (each maximised apart).
+    """(max IoU, max IoP) of ``pred`` over the ground-truth ``segments``, NExT-GQA's ``eval_ground``.
 
-    IoU is ``megavrl.rewards.temporal_iou`` without clipping to a duration. A missing or invalid
-    prediction, or no segment, gives (0.0, 0.0).
+    Each is maximised apart, starting from 0 (a disjoint segment contributes 0). Not clipped. A
+    missing or invalid prediction, or no segment, gives (0.0, 0.0); a reversed one is swapped.
     """
-    span = as_span(pred)
+    span = ordered_span(pred)
+    best_iou, best_iop = 0.0, 0.0
+    if span is None:
+        return best_iou, best_iop
+    for segment in segments:
+        iou, iop = next_gqa_overlap(span, segment)
+        if iou > best_iou:
+            best_iou = iou
+        if iop > best_iop:
+            best_iop = iop
+    return best_iou, best_iop
+
+
+def best_lmms_eval_iou(pred: object, segments: Sequence[Span]) -> float:
+    """lmms-eval's IoU of ``pred`` with the best of ``segments`` (a tvg row has one); 0.0 without a span."""
+    span = ordered_span(pred)
     if span is None or not segments:
-        return 0.0, 0.0
-    return (max(temporal_iou(span, seg) for seg in segments),
-            max(temporal_iop(span, seg) for seg in segments))
+        return 0.0
+    return max(lmms_eval_iou(span, segment) for segment in segments)
+
+
+# ---------------------------------------------------------------------------------------------
+# lmms-eval's multiple-choice answer extraction (lmms_eval/tasks/mvbench/utils.py, mcq_acc)
+# ---------------------------------------------------------------------------------------------
+_LMMS_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
+                     ",", "?", "!")
+_LMMS_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: a look-ahead for "<=" + digit, as published
+_LMMS_DIGIT_COMMA = re.compile(r"(\d)(\,)(\d)")
+_LMMS_LEADING_OPTION = re.compile(r"^([A-E])\.\s*(.+)$", re.IGNORECASE)
+_LMMS_LETTER = re.compile(r"\b([A-E])\b", re.IGNORECASE)
+
+
+def _lmms_strip_punctuation(text: str) -> str:
+    out = text
+    glued = _LMMS_DIGIT_COMMA.search(text) is not None
+    for mark in _LMMS_PUNCTUATION:
+        # Decided on the original text, applied to the running one, as published.
+        out = out.replace(mark, "" if (mark + " " in text or " " + mark in text or glued) else " ")
+    # lmms-eval passes re.UNICODE (= 32) as the positional ``count``: at most 32 periods go.
+    return _LMMS_PERIOD.sub("", out, count=int(re.UNICODE))
+
+
+def lmms_eval_choice(text: object) -> str:
+    """lmms-eval's MVBench answer extraction (``mcq_acc``'s ``process``): a letter "A".."E" or the processed text."""
+    answer = "" if text is None else str(text)
+    leading = _LMMS_LEADING_OPTION.match(answer.strip())
+    if leading:
+        return leading.group(1).upper()
+    answer = answer.replace("\n", " ").replace("\t", " ").strip()
+    answer = _lmms_strip_punctuation(answer)
+    answer = answer.strip("'").strip('"').strip(")").strip("(").strip().lower()
+    letter = _LMMS_LETTER.search(answer)
+    return letter.group(1).upper() if letter else answer
+
+
+def lmms_eval_choice_correct(prediction: object, answer_letter: str) -> bool:
+    """lmms-eval's ``mcq_acc``: both sides through ``lmms_eval_choice``, then equal."""
+    return lmms_eval_choice(prediction) == lmms_eval_choice(answer_letter)
 
 
 # ---------------------------------------------------------------------------------------------
 # Per-task metrics over per-sample values
 # ---------------------------------------------------------------------------------------------
 def _percent(count: float, n: int) -> Optional[float]:
-    return 100.0 * count / n if n else None
+    """``count * 100 / n``: lmms-eval's order of operations (equal to ``100 * count / n``)."""
+    return count * 100 / n if n else None
+
+
+def _fraction_percent(count: float, n: int) -> Optional[float]:
+    """``count / n * 100``: NExT-GQA's order of operations (not always equal to ``count * 100 / n``)."""
+    return count / n * 100 if n else None
 
 
 def temporal_grounding_metrics(ious: Sequence[float]) -> dict[str, Optional[float]]:
@@ -131,40 +239,66 @@ def temporal_grounding_metrics(ious: Sequence[float]) -> dict[str, Optional[floa
     return metrics
 
 
-def choice_accuracy_metrics(correct: Sequence[bool], nonempty: Optional[Sequence[bool]] = None
-                            ) -> dict[str, Optional[float]]:
-    """accuracy (all samples) and accuracy_nonempty (samples with a non-empty response) in percent.
+def choice_accuracy_metrics(correct: Sequence[bool], nonempty: Optional[Sequence[bool]] = None,
+                            correct_lenient: Optional[Sequence[bool]] = None) -> dict[str, Optional[float]]:
+    """accuracy, accuracy_nonempty (samples with a non-empty response) and accuracy_lenient, in percent.
 
     Args:
-        correct: per sample, whether the predicted option is the answer.
+        correct: per sample, whether lmms-eval's extraction gives the answer letter.
         nonempty: per sample, whether the raw response was not the empty string; None = all were.
+        correct_lenient: per sample, whether megavrl's parser gives the answer letter; None = ``correct``.
     """
     if nonempty is None:
         nonempty = [True] * len(correct)
-    if len(nonempty) != len(correct):
-        raise ValueError(f"{len(correct)} correctness flags but {len(nonempty)} non-empty flags")
+    if correct_lenient is None:
+        correct_lenient = correct
+    if not (len(nonempty) == len(correct_lenient) == len(correct)):
+        raise ValueError(f"{len(correct)} correctness flags but {len(nonempty)} non-empty flags and "
+                         f"{len(correct_lenient)} lenient flags")
     answered = sum(1 for flag in nonempty if flag)
     return {"accuracy": _percent(sum(1 for c in correct if c), len(correct)),
-            "accuracy_nonempty": _percent(sum(1 for c, a in zip(correct, nonempty) if c and a), answered)}
+            "accuracy_nonempty": _percent(sum(1 for c, a in zip(correct, nonempty) if c and a), answered),
+            "accuracy_lenient": _percent(sum(1 for c in correct_lenient if c), len(correct_lenient))}
 
 
-def grounded_qa_metrics(correct: Sequence[bool], ious: Sequence[float], iops: Sequence[float]
-                        ) -> dict[str, Optional[float]]:
-    """NExT-GQA's Acc@QA, Acc@GQA, mIoU, IoU@{0.3,0.5}, mIoP, IoP@{0.3,0.5} in percent."""
+def grounded_qa_metrics(correct: Sequence[bool], ious: Sequence[float], iops: Sequence[float],
+                        has_span: Optional[Sequence[bool]] = None) -> dict[str, Optional[float]]:
+    """NExT-GQA's Acc@QA, Acc@GQA, mIoU, IoU@{0.3,0.5}, mIoP, IoP@{0.3,0.5} in percent, and n_no_span.
+
+    Args:
+        correct, ious, iops: per question (IoU/IoP already maximised over the segments).
+        has_span: per question, whether a span was predicted; None = all were. Questions without one
+            count in Acc@QA only (the official ``eval_ground`` skips them).
+    """
     n = len(correct)
-    if not (len(ious) == len(iops) == n):
-        raise ValueError(f"per-sample lists differ in length: {n} correct, {len(ious)} IoU, {len(iops)} IoP")
-    metrics = {
-        "Acc@QA": _percent(sum(1 for c in correct if c), n),
-        "Acc@GQA": _percent(sum(1 for c, iop in zip(correct, iops) if c and iop >= GQA_IOP_THRESHOLD), n),
-        "mIoU": _percent(sum(ious), n),
+    if has_span is None:
+        has_span = [True] * n
+    if not (len(ious) == len(iops) == len(has_span) == n):
+        raise ValueError(f"per-sample lists differ in length: {n} correct, {len(ious)} IoU, {len(iops)} IoP, "
+                         f"{len(has_span)} has_span")
+    grounded = [(c, iou, iop) for c, iou, iop, h in zip(correct, ious, iops, has_span) if h]
+    m = len(grounded)
+    total_iou = total_iop = 0.0
+    for _, iou, iop in grounded:  # summed in record order, as the official loop sums
+        total_iou += iou
+        total_iop += iop
+    metrics: dict[str, Optional[float]] = {
+        "Acc@QA": _fraction_percent(sum(1 for c in correct if c), n),
+        "Acc@GQA": _fraction_percent(sum(1 for c, _, iop in grounded if c and iop >= GQA_IOP_THRESHOLD), m),
+        "mIoU": _fraction_percent(total_iou, m),
     }
     for t in GQA_THRESHOLDS:
-        metrics[f"IoU@{t}"] = _percent(sum(1 for iou in ious if iou >= t), n)
-    metrics["mIoP"] = _percent(sum(iops), n)
+        metrics[f"IoU@{t}"] = _fraction_percent(sum(1 for _, iou, _ in grounded if iou >= t), m)
+    metrics["mIoP"] = _fraction_percent(total_iop, m)
     for t in GQA_THRESHOLDS:
-        metrics[f"IoP@{t}"] = _percent(sum(1 for iop in iops if iop >= t), n)
+        metrics[f"IoP@{t}"] = _fraction_percent(sum(1 for _, _, iop in grounded if iop >= t), m)
+    metrics["n_no_span"] = n - m
     return metrics
+
+
+def _has_span(record: Mapping[str, Any]) -> bool:
+    prediction = record.get("prediction")
+    return isinstance(prediction, Mapping) and prediction.get("span") is not None
 
 
 def task_metrics(task: str, samples: Sequence[Mapping[str, Any]]) -> dict[str, Optional[float]]:
@@ -173,10 +307,11 @@ def task_metrics(task: str, samples: Sequence[Mapping[str, Any]]) -> dict[str, O
         return temporal_grounding_metrics([float(s["iou"]) for s in samples])
     if task == "mcq":
         return choice_accuracy_metrics([bool(s["correct"]) for s in samples],
-                                       [s.get("response") != "" for s in samples])
+                                       [s.get("response") != "" for s in samples],
+                                       [bool(s.get("correct_lenient", s["correct"])) for s in samples])
     if task == "gqa":
         return grounded_qa_metrics([bool(s["correct"]) for s in samples], [float(s["iou"]) for s in samples],
-                                   [float(s["iop"]) for s in samples])
+                                   [float(s["iop"]) for s in samples], [_has_span(s) for s in samples])
     raise ValueError(f"no metrics are defined for task {task!r}; known tasks: {', '.join(TASK_METRICS)}")
 
 

@@ -9,12 +9,17 @@ A prediction record is a dict::
       "response": "<think>..</think><answer>12.5 to 17.8</answer>",   # the raw model output, or
       "prediction": {"span": [12.5, 17.8], "choice": "B"},             # an already parsed answer
       "ground_truth": {"timestamps": [12.0, 18.0], "duration": 30.0,   # seconds; gqa may give a
-                       "answer": "B", "options": ["...", "..."]},      # list of [start, end] pairs
+                       "answer": "B", "options": ["...", "..."],       # list of [start, end] pairs,
+                       "meta": {"spans": [[12.0, 18.0], [20.0, 25.0]]}},  # or every segment here
     }
 
 A raw ``response`` is parsed exactly as the training reward parses it (``megavrl.rewards.score``:
 the last ``<answer>`` block, then a span and/or an option letter), so evaluation and reward never
-disagree on what the model answered. With ``response`` absent, ``prediction`` is used as is.
+disagree on what the model answered. With ``response`` absent, ``prediction`` is used as is. In
+both paths a reversed span is swapped (``megavrl.eval.metrics.ordered_span``), and the ground
+truth's segments are the reward's (``megavrl.rewards.ground_truth_segments``: ``meta.spans``, as
+the NExT-GQA reader writes them, else ``timestamps``). Multiple-choice answers are judged twice:
+``correct`` by lmms-eval's extraction (the primary accuracy), ``correct_lenient`` by megavrl's.
 ``score_prediction`` returns the record with its per-sample values added; ``megavrl.eval.metrics``
 aggregates them.
 """
@@ -22,7 +27,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Optional
 
-from megavrl.eval.metrics import TASK_METRICS, Span, as_span, best_overlap
+from megavrl.eval.metrics import (TASK_METRICS, Span, best_lmms_eval_iou, best_overlap, lmms_eval_choice_correct,
+                                  ordered_span)
 
 _NEEDS_SPAN = ("tvg", "gqa")
 _NEEDS_CHOICE = ("mcq", "gqa")
@@ -33,27 +39,39 @@ class InvalidRecord(ValueError):
 
 
 def ground_truth_segments(ground_truth: Mapping[str, Any]) -> list[Span]:
-    """The ground-truth ``timestamps`` as a list of (start, end) segments in seconds.
-
-    Accepts one pair ``[s, e]`` or a list of pairs ``[[s1, e1], [s2, e2]]`` (NExT-GQA gives several
-    segments for some questions). Raises InvalidRecord unless every segment has 0 <= start <= end.
+    """Every ground-truth segment as (start, end) seconds: ``meta["spans"]`` when present, else
+    ``timestamps`` (one pair ``[s, e]`` or a list of pairs; NExT-GQA gives several segments for some
+    questions). The reward's reading (``megavrl.rewards.ground_truth_segments``); raises
+    InvalidRecord unless every segment has 0 <= start <= end.
     """
-    value = ground_truth.get("timestamps")
-    if value is None or isinstance(value, (str, bytes, Mapping)):
-        raise InvalidRecord(f"timestamps={value!r} is not a [start, end] pair (or a list of pairs) in seconds")
+    from megavrl.rewards import InvalidSampleError
+    from megavrl.rewards import ground_truth_segments as reward_segments
+
     try:
-        items = list(value)
-    except TypeError:
-        raise InvalidRecord(f"timestamps={value!r} is not a [start, end] pair (or a list of pairs) in seconds") from None
-    nested = bool(items) and all(hasattr(v, "__len__") and not isinstance(v, (str, bytes)) for v in items)
-    pairs = items if nested else [items]
-    segments = []
-    for pair in pairs:
-        span = as_span(pair)
-        if span is None or span[0] < 0:
-            raise InvalidRecord(f"timestamps={value!r}: segment {pair!r} must be [start, end] with 0 <= start <= end")
-        segments.append(span)
-    return segments
+        return reward_segments(ground_truth)
+    except InvalidSampleError as exc:
+        raise InvalidRecord(str(exc)) from None
+
+
+def _answer_letter(ground_truth: Mapping[str, Any]) -> Optional[str]:
+    from megavrl.rewards import parse_letter_answer
+
+    options = ground_truth.get("options") or None
+    answer = ground_truth.get("answer")
+    if answer is None or not str(answer).strip():
+        raise InvalidRecord("the ground truth has no answer")
+    letter = parse_letter_answer(answer, options)
+    if letter is None and options:
+        raise InvalidRecord(f"answer={answer!r} is neither an option letter nor one of the {len(options)} options")
+    return letter
+
+
+def _lmms_eval_correct(text: object, ground_truth: Mapping[str, Any]) -> bool:
+    """lmms-eval's MVBench judgement of ``text``; a free-text answer (no letter) falls back to megavrl's."""
+    letter = _answer_letter(ground_truth)
+    if letter is None:
+        return _choice_is_correct(text, ground_truth)
+    return text is not None and lmms_eval_choice_correct(text, letter)
 
 
 def _choice_is_correct(choice: object, ground_truth: Mapping[str, Any]) -> bool:
@@ -78,18 +96,24 @@ def _score_response(task: str, response: object, ground_truth: Mapping[str, Any]
                     segments: Optional[list[Span]], reward_config: Any) -> dict[str, Any]:
     from megavrl.rewards import score
 
-    sample = dict(ground_truth)
-    if segments:
-        sample["timestamps"] = list(segments[0])  # the reward reads one span; overlaps use them all below
-    result = score(task, "" if response is None else response, sample, reward_config)
+    text = "" if response is None else response
+    result = score(task, text, dict(ground_truth), reward_config)
     if result.invalid_sample:
         raise InvalidRecord(result.error or "invalid ground truth")
-    span = result.parsed.get("span")
+    span = ordered_span(result.parsed.get("span"))
+    answer = result.parsed.get("answer")
+    correct = correct_lenient = None
+    if task in _NEEDS_CHOICE:
+        correct_lenient = result.components.get("choice", 0.0) == 1.0
+        correct = correct_lenient
+        if task == "mcq":  # lmms-eval reads the answer block's content, or the whole response without one
+            correct = _lmms_eval_correct(answer if answer is not None else text, ground_truth)
     return {
-        "prediction": {"answer": result.parsed.get("answer"),
+        "prediction": {"answer": answer,
                        "span": list(span) if span is not None else None,
                        "choice": result.parsed.get("choice")},
-        "correct": result.components.get("choice", 0.0) == 1.0 if task in _NEEDS_CHOICE else None,
+        "correct": correct,
+        "correct_lenient": correct_lenient,
         "format": result.components.get("format", 0.0),
         "parse_ok": result.parse_ok,
         "error": result.error,
@@ -100,18 +124,21 @@ def _score_parsed(task: str, prediction: object, ground_truth: Mapping[str, Any]
     if not isinstance(prediction, Mapping):
         raise InvalidRecord(f"prediction={prediction!r} is not a mapping such as {{'span': [s, e], 'choice': 'B'}}")
     errors = []
-    span = as_span(prediction.get("span"))
+    span = ordered_span(prediction.get("span"))
     if task in _NEEDS_SPAN and span is None:
         errors.append(f"span={prediction.get('span')!r} is not a [start, end] pair in seconds")
     choice = prediction.get("choice")
-    correct = None
+    correct = correct_lenient = None
     if task in _NEEDS_CHOICE:
-        correct = _choice_is_correct(choice, ground_truth)
+        correct = correct_lenient = _choice_is_correct(choice, ground_truth)
+        if task == "mcq":
+            correct = _lmms_eval_correct(choice, ground_truth)
         if choice is None:
             errors.append("no choice")
     return {
         "prediction": {"span": list(span) if span is not None else None, "choice": choice},
         "correct": correct,
+        "correct_lenient": correct_lenient,
         "format": None,
         "parse_ok": not errors,
         "error": "; ".join(errors) or None,
@@ -143,7 +170,9 @@ def score_prediction(record: Mapping[str, Any], reward_config: Any = None) -> di
     Returns:
         a new dict: ``id``, ``task``, ``benchmark``, ``response`` (when given), ``ground_truth``,
         ``prediction`` (what was read: ``span``, ``choice``, ``answer``), ``iou`` and ``iop``
-        (tvg/gqa, in [0, 1]; 0 when no span was parsed), ``correct`` (mcq/gqa), ``format`` (1.0
+        (tvg: lmms-eval's IoU; gqa: NExT-GQA's IoU and IoP with the best-overlapping segment; in
+        [0, 1]; 0 when no span was parsed), ``correct`` (mcq: lmms-eval's extraction; gqa),
+        ``correct_lenient`` (mcq/gqa: megavrl's parser), ``format`` (1.0
         when the response follows the answer template; None for a parsed prediction),
         ``parse_ok``, ``error`` and ``invalid`` (True: the ground truth or the record is unusable;
         the sample is left out of the metrics and counted).
@@ -167,15 +196,19 @@ def score_prediction(record: Mapping[str, Any], reward_config: Any = None) -> di
         else:
             raise InvalidRecord("the record has neither a response nor a prediction")
     except InvalidRecord as exc:
-        out.update(prediction=None, iou=None, iop=None, correct=None, format=None, parse_ok=False,
-                   error=f"invalid record {record.get('id')!r}: {exc}", invalid=True)
+        out.update(prediction=None, iou=None, iop=None, correct=None, correct_lenient=None, format=None,
+                   parse_ok=False, error=f"invalid record {record.get('id')!r}: {exc}", invalid=True)
         return out
-    if segments is not None:
-        values["iou"], values["iop"] = best_overlap(values["prediction"]["span"], segments)
+    span = values["prediction"]["span"]
+    if task == "tvg":
+        values["iou"], values["iop"] = best_lmms_eval_iou(span, segments), None
+    elif task == "gqa":
+        values["iou"], values["iop"] = best_overlap(span, segments)
     else:
         values["iou"] = values["iop"] = None
     out.update(prediction=values["prediction"], iou=values["iou"], iop=values["iop"], correct=values["correct"],
-               format=values["format"], parse_ok=values["parse_ok"], error=values["error"], invalid=False)
+               correct_lenient=values["correct_lenient"], format=values["format"], parse_ok=values["parse_ok"],
+               error=values["error"], invalid=False)
     return out
 
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
-from megavrl.eval.metrics import PRIMARY_METRIC, TASK_METRICS, TASK_TITLES
+from megavrl.eval.metrics import PRIMARY_METRIC, TASK_COUNTS, TASK_METRICS, TASK_TITLES
 from megavrl.log import get_logger
 
 logger = get_logger(__name__)
@@ -101,7 +101,7 @@ def metrics_markdown(metrics: Mapping[str, Any], digits: int = 2, title: str = "
         rows = [(name, entry) for name, entry in benchmarks.items() if entry.get("task") == task]
         if not rows:
             continue
-        columns = ("n",) + names + ("format_rate",)
+        columns = ("n",) + TASK_COUNTS.get(task, ()) + names + ("format_rate",)
         lines += ["", f"### {TASK_TITLES[task]} ({task}; primary: {PRIMARY_METRIC[task]})", "",
                   "| benchmark | " + " | ".join(columns) + " |",
                   "| --- | " + " | ".join("---:" for _ in columns) + " |"]
@@ -109,7 +109,8 @@ def metrics_markdown(metrics: Mapping[str, Any], digits: int = 2, title: str = "
             lines.append("| " + " | ".join([_cell(name, digits)] + [_cell(entry.get(c), digits) for c in columns]) + " |")
     lines.append("")
     lines.append("All values are percentages; parse failures count as 0 (IoU 0, wrong answer); invalid rows "
-                 "(unusable ground truth) are left out.")
+                 "(unusable ground truth) are left out. Grounded QA follows NExT-GQA's eval_ground.py: its IoU/IoP "
+                 "metrics and Acc@GQA are over the questions with a predicted span (n - n_no_span).")
     return "\n".join(lines) + "\n"
 
 

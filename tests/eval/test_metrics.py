@@ -71,11 +71,15 @@ MCQ = [
     _mcq(2, _answer("A"), "D"),                     # wrong
     _mcq(3, "", "A"),                               # empty response: parse failure, wrong
     _mcq(4, _answer("no idea"), "A"),               # no letter: parse failure, wrong
-    _mcq(5, _answer("a fish"), "D"),                # the text of option D: correct
+    _mcq(5, _answer("a fish"), "D"),                # the text of option D: lenient correct; lmms-eval reads
+                                                    # the article "a" as the letter A: wrong
 ]
-# accuracy          = 100 * 3 / 6 = 50.0          (every sample counted)
-# accuracy_nonempty = 100 * 3 / 5 = 60.0          (MVBench: the empty response is not counted)
-MCQ_EXPECTED = {"n": 6, "n_parse_failures": 2, "n_invalid": 0, "accuracy": 50.0, "accuracy_nonempty": 60.0}
+# lmms-eval's extraction: correct = [T, T, F, F, F, F]
+# accuracy          = 100 * 2 / 6 = 33.3...       (every sample counted)
+# accuracy_nonempty = 100 * 2 / 5 = 40.0          (MVBench: the empty response is not counted)
+# accuracy_lenient  = 100 * 3 / 6 = 50.0          (megavrl's parser credits the option's text)
+MCQ_EXPECTED = {"n": 6, "n_parse_failures": 2, "n_invalid": 0, "accuracy": 200 / 6, "accuracy_nonempty": 40.0,
+                "accuracy_lenient": 50.0}
 
 
 def _gqa_answer(letter, start, end):
@@ -97,16 +101,16 @@ GQA = [
     # pred [3, 8] vs [0, 10]: IoU 5/10 = 0.5, IoP 1.0. Wrong answer.
     _gqa(5, _gqa_answer("B", 3, 8), "A", [0, 10]),
 ]
-# correct = [T, T, F, T, T, F]; IoU = [1/3, 3/7, 0.2, 0, 0, 0.5]; IoP = [0.5, 0.6, 1, 1, 0, 1]; n = 6
-# Acc@QA  = 100 * 4/6
-# mIoU    = 100 * (1/3 + 3/7 + 0.2 + 0.5) / 6;  IoU@0.3 = 100 * #{1/3, 3/7, 0.5} / 6 = 50;
-#           IoU@0.5 = 100 * #{0.5} / 6
-# mIoP    = 100 * (0.5 + 0.6 + 1 + 1 + 0 + 1) / 6 = 100 * 4.1 / 6
-# IoP@0.3 = IoP@0.5 = 100 * 5/6                (0.5 counts: >=)
-# Acc@GQA = 100 * #{0 (IoP 0.5), 1 (0.6), 3 (1.0)} / 6 = 50   (4 is correct but IoP 0; 2, 5 wrong)
-GQA_EXPECTED = {"n": 6, "n_parse_failures": 1, "n_invalid": 0, "Acc@QA": 400 / 6,
-                "mIoU": 100 * (1 / 3 + 3 / 7 + 0.2 + 0.5) / 6, "IoU@0.3": 50.0, "IoU@0.5": 100 / 6,
-                "mIoP": 100 * 4.1 / 6, "IoP@0.3": 500 / 6, "IoP@0.5": 500 / 6, "Acc@GQA": 50.0}
+# correct = [T, T, F, T, T, F]; n = 6; Acc@QA = 100 * 4/6 over every question.
+# The official eval_ground.py skips questions without a predicted span (4): m = 5 grounded questions,
+# IoU = [1/3, 3/7, 0.2, 0, 0.5]; IoP = [0.5, 0.6, 1, 1, 1]
+# mIoU    = (1/3 + 3/7 + 0.2 + 0.5) / 5 * 100;  IoU@0.3 = #{1/3, 3/7, 0.5} / 5 * 100 = 60;
+#           IoU@0.5 = #{0.5} / 5 * 100 = 20
+# mIoP    = 4.1 / 5 * 100 = 82;  IoP@0.3 = IoP@0.5 = 5 / 5 * 100 = 100   (0.5 counts: >=)
+# Acc@GQA = #{0 (IoP 0.5), 1 (0.6), 3 (1.0)} / 5 * 100 = 60   (2, 5 wrong)
+GQA_EXPECTED = {"n": 6, "n_parse_failures": 1, "n_invalid": 0, "n_no_span": 1, "Acc@QA": 400 / 6,
+                "mIoU": (1 / 3 + 3 / 7 + 0.2 + 0.5) / 5 * 100, "IoU@0.3": 60.0, "IoU@0.5": 20.0,
+                "mIoP": 82.0, "IoP@0.3": 100.0, "IoP@0.5": 100.0, "Acc@GQA": 60.0}
 
 
 def _check(entry, expected):
@@ -149,7 +153,7 @@ def test_empty_benchmark_and_overall(evaluated):
     overall = metrics["overall"]
     # The mean of the primary metrics of the three non-empty benchmarks; the empty one is left out:
     # (mIoU of charades_sta + accuracy of mvbench + Acc@GQA of nextgqa) / 3
-    assert overall["mean_primary"] == pytest.approx((100 * 2.09 / 7 + 50.0 + 50.0) / 3)
+    assert overall["mean_primary"] == pytest.approx((100 * 2.09 / 7 + 200 / 6 + 60.0) / 3)
     assert overall["n_benchmarks"] == 3
     assert overall["n"] == 7 + 6 + 6 and overall["n_parse_failures"] == 1 + 2 + 1 and overall["n_invalid"] == 1
     assert list(metrics["benchmarks"]) == ["activitynet", "charades_sta", "mvbench", "nextgqa"]
@@ -167,7 +171,7 @@ def test_parsed_predictions_give_the_same_metrics(evaluated):
         for key, value in metrics["benchmarks"][name].items():
             if key != "format_rate":
                 assert again["benchmarks"][name][key] == pytest.approx(value), (name, key)
-    # Without raw responses every sample is "answered", so the MVBench variant equals accuracy.
+    # Without raw responses every sample is "answered"; the parsed choices are letters (D for "a fish").
     assert again["benchmarks"]["mvbench"]["accuracy"] == 50.0
     assert again["benchmarks"]["mvbench"]["format_rate"] is None
 
@@ -238,7 +242,7 @@ def test_temporal_iop_edges():
     assert temporal_iop((10, 10), (0, 10)) == 1.0     # a point on the boundary is inside
     assert temporal_iop((11, 11), (0, 10)) == 0.0
     assert temporal_iop((12, 14), (0, 10)) == 0.0     # disjoint: 0, never negative
-    assert temporal_iop(None, (0, 10)) == 0.0 and temporal_iop((3, 1), (0, 10)) == 0.0
+    assert temporal_iop(None, (0, 10)) == 0.0 and temporal_iop((3, 1), (0, 10)) == 1.0   # reversed: swapped
     assert temporal_iop((0, math.inf), (0, 10)) == 0.0
     # Several ground-truth segments: IoU and IoP are maximised apart (NExT-GQA).
     # (0, 4) vs (0, 3): IoU 3/4, IoP 3/4; vs (0, 100): IoU 4/100, IoP 1. Max: IoU 3/4, IoP 1.
