@@ -9,10 +9,16 @@ Formats (``format:`` in the data config):
 - ``charades_sta``: Charades-STA text, one ``<vid> <start> <end>##<sentence>`` per line, or the
   json form ``{vid: {"duration": s, "timestamps": [[s, e], ...], "sentences": [...]}}`` -> tvg.
 - ``activitynet_captions``: ActivityNet Captions json, same form as above (``v_xxx`` keys) -> tvg.
-- ``nextgqa``: NExT-GQA rows (json list or jsonl): ``video_id``/``video``, ``qid``, ``question``,
-  ``a0``..``a4`` or ``options``, ``answer`` (index, letter or text), ``duration``, grounding
-  ``location`` (a span or a list of spans; the first is the target, all are kept in
-  ``meta.spans``) -> gqa.
+- ``nextgqa``: the NExT-GQA release as it ships (doc-doc/NExT-GQA, ``datasets/nextgqa``):
+  ``json_path`` is ``test.csv`` or ``val.csv`` (columns video_id, frame_count, width, height,
+  question, answer (the option's text), qid, type, a0..a4) and the grounding is read from
+  ``gsub_test.json`` / ``gsub_val.json`` next to it (``{video_id: {"duration": s, "location":
+  {qid: [[s, e], ...]}, "fps": f}}``); ``map_vid_vidorID.json`` next to it, when present, maps a
+  video id to its path (``"0000/2440175990"``). Also merged rows (json list or jsonl) with
+  ``video_id``/``video``, ``qid``, ``question``, ``a0``..``a4`` or ``options``, ``answer`` (index,
+  letter or text), ``duration`` and ``location`` (a span or a list of spans). Every segment is kept
+  in ``meta.spans`` (the reward and the evaluation score the best-overlapping one); ``timestamps``
+  is the first segment (what the schema validates) -> gqa.
 - ``mvbench``: MVBench task json: ``video``, ``question``, ``candidates``, ``answer`` (the correct
   candidate's text), optional ``start``/``end`` (a clip, seconds) -> mcq.
 - ``temporal_r1``: Temporal-R1 / Time-R1 style rows: ``problem``, ``solution`` (the span as a
@@ -157,7 +163,33 @@ def _spans(value: Any) -> List[Any]:
     return [value]
 
 
+def _segments(value: Any, what: str) -> List[List[float]]:
+    """A list of [start, end] seconds pairs, each checked: numbers, start <= end."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise RowError("malformed", f"{what}={value!r} is not a list of [start, end] segments")
+    segments = []
+    for pair in _spans(value):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise RowError("malformed", f"{what}: segment {pair!r} is not a [start, end] pair")
+        try:
+            start, end = float(pair[0]), float(pair[1])
+        except (TypeError, ValueError):
+            raise RowError("malformed", f"{what}: segment {pair!r} is not a pair of numbers") from None
+        if end < start:
+            raise RowError("reversed_timestamps", f"{what}: segment {pair!r} ends before it starts")
+        segments.append([start, end])
+    return segments
+
+
+def _first_non_empty(segments: List[List[float]]) -> List[float]:
+    return next((seg for seg in segments if seg[1] > seg[0]), segments[0])
+
+
 def read_nextgqa(path: str, video_ext: str = ".mp4") -> Iterator[Entry]:
+    """NExT-GQA: the release's ``test.csv``/``val.csv`` with ``gsub_<split>.json``, or merged json rows."""
+    if path.lower().endswith(".csv"):
+        yield from read_nextgqa_release(path, video_ext)
+        return
     for source, raw in read_json_or_jsonl(path):
         if isinstance(raw, RowError):
             yield source, raw
@@ -175,18 +207,78 @@ def read_nextgqa(path: str, video_ext: str = ".mp4") -> Iterator[Entry]:
             location = raw.get("location", raw.get("timestamps", raw.get("span")))
             if location is None:
                 raise RowError("malformed", "no grounding span ('location')")
-            spans = _spans(location)
+            spans = _segments(location, "location")
             qid = raw.get("qid", "")
             rid = raw.get("id") or (f"{vid}_{qid}" if qid != "" else None)
             row = {"id": rid,
                    "video": _video_name(vid, video_ext), "task": "gqa", "question": raw.get("question"),
-                   "options": options, "answer": raw.get("answer"), "timestamps": spans[0],
+                   "options": options, "answer": raw.get("answer"), "timestamps": _first_non_empty(spans),
                    "meta": {"spans": spans, **({"qid": qid} if qid != "" else {})}}
             if raw.get("duration") is not None:
                 row["duration"] = raw["duration"]
             yield source, row
         except RowError as exc:
             yield source, exc
+
+
+NEXTGQA_COLUMNS = ("video_id", "question", "answer", "qid", "a0", "a1", "a2", "a3", "a4")
+"""Columns of NExT-GQA's test.csv / val.csv that the reader needs (frame_count, width, height and
+type are kept in ``meta`` when present)."""
+
+
+def read_nextgqa_release(path: str, video_ext: str = ".mp4") -> Iterator[Entry]:
+    """One gqa row per question of NExT-GQA's ``test.csv``/``val.csv``, grounded by ``gsub_<split>.json``.
+
+    Raises ValueError (the whole file is unusable) when the csv lacks a needed column or the gsub
+    file next to it is missing or not a json object. A question without a grounding entry in the
+    gsub file is a RowError ("no_grounding").
+    """
+    import csv
+
+    folder, name = os.path.split(path)
+    split = os.path.splitext(name)[0]
+    gsub_path = os.path.join(folder, f"gsub_{split}.json")
+    if not os.path.isfile(gsub_path):
+        raise ValueError(f"{path}: its grounding file {gsub_path} is missing; put gsub_{split}.json from the "
+                         f"NExT-GQA release (datasets/nextgqa) next to {name}")
+    with open(gsub_path, encoding="utf-8") as f:
+        gsub = json.load(f)
+    if not isinstance(gsub, dict):
+        raise ValueError(f"{gsub_path}: expected a json object keyed by video id, got {type(gsub).__name__}")
+    video_map: Dict[str, str] = {}
+    map_path = os.path.join(folder, "map_vid_vidorID.json")
+    if os.path.isfile(map_path):
+        with open(map_path, encoding="utf-8") as f:
+            video_map = {str(k): str(v) for k, v in json.load(f).items()}
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in NEXTGQA_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: not a NExT-GQA question file: missing column(s) {', '.join(missing)} "
+                             f"(header: {', '.join(reader.fieldnames or [])})")
+        for lineno, raw in enumerate(reader, 2):
+            source = f"{name}:{lineno}"
+            try:
+                vid, qid = str(raw["video_id"]).strip(), str(raw["qid"]).strip()
+                options = [raw[f"a{i}"] for i in range(5)]
+                entry = gsub.get(vid)
+                locations = entry.get("location") if isinstance(entry, dict) else None
+                if not isinstance(locations, dict) or qid not in locations:
+                    raise RowError("no_grounding", f"video {vid} question {qid} has no segment in {os.path.basename(gsub_path)}")
+                spans = _segments(locations[qid], f"{os.path.basename(gsub_path)} {vid}/{qid}")
+                answer: Any = raw["answer"]
+                if answer not in options and str(answer).strip().isdigit():
+                    answer = int(answer)  # NExT-QA's original files give the option index
+                meta = {"spans": spans, "qid": qid,
+                        **{k: raw[k] for k in ("type", "frame_count", "width", "height") if raw.get(k) not in (None, "")}}
+                row = {"id": f"{vid}_{qid}", "video": _video_name(video_map.get(vid, vid), video_ext), "task": "gqa",
+                       "question": raw["question"], "options": options, "answer": answer,
+                       "timestamps": _first_non_empty(spans), "meta": meta}
+                if entry.get("duration") is not None:
+                    row["duration"] = entry["duration"]
+                yield source, row
+            except RowError as exc:
+                yield source, exc
 
 
 def read_mvbench(path: str, video_ext: str = ".mp4") -> Iterator[Entry]:

@@ -129,3 +129,19 @@ def test_sampling_rules():
         DatasetSpec(json_path="x.json", sampling="some:3")
     with pytest.raises(ValueError, match="format"):
         DatasetSpec(json_path="x.json", format="csv")
+
+
+def test_nextgqa_release_csv_with_video_map(tmp_path):
+    # The release's test.csv header, gsub_test.json keyed by video id, map_vid_vidorID.json for the paths.
+    (tmp_path / "gsub_test.json").write_text(json.dumps(
+        {"2574374895": {"duration": 24.0, "location": {"8": [[2.0, 6.0], [8.0, 9.0]]}, "fps": 30}}))
+    (tmp_path / "map_vid_vidorID.json").write_text(json.dumps({"2574374895": "0000/2574374895"}))
+    rows, skips = _read(tmp_path, "test.csv",
+                        "video_id,frame_count,width,height,question,answer,qid,type,a0,a1,a2,a3,a4\n"
+                        "2574374895,719,320,240,how did the baby move,crawl,8,CH,walk,crawl,roll,jump,fly\n"
+                        "2574374895,719,320,240,why,1,8,CW,x,y,z,u,v\n", "nextgqa")
+    assert skips.total == 0
+    a, b = rows
+    assert (a.video, a.answer, a.timestamps, a.meta["spans"]) == ("0000/2574374895.mp4", "B", [2.0, 6.0],
+                                                                   [[2.0, 6.0], [8.0, 9.0]])
+    assert b.answer == "B"   # an index (NExT-QA's original files) is read as one
