@@ -51,6 +51,24 @@ DEFAULT_TEMPLATES: Dict[str, str] = {
 }
 
 
+TEMPORAL_R1_TVG_TEMPLATE = (
+    "Find the moment in the video that matches this description: \"{question}\". "
+    "First output the thinking process in <think> </think> tags and then output the final answer in "
+    "<answer> </answer> tags. Output the final answer in JSON format, with the start and end time in "
+    "seconds as strings: {{\"start_time\": \"3.0\", \"end_time\": \"7.5\"}}."
+)
+"""The tvg prompt matching ``reward.preset: temporal_r1``. Temporal-R1 (appletea233/Temporal-R1) takes
+its prompt from its data's ``problem`` field, which its code does not publish; this template uses
+the instruction written in its ``verl/utils/dataset_video.py`` and asks for exactly the JSON that its
+format reward (``tvg_format_reward``) accepts."""
+
+TEMPLATE_PRESETS: Dict[str, Dict[str, str]] = {
+    "megavrl": DEFAULT_TEMPLATES,
+    "temporal_r1": {**DEFAULT_TEMPLATES, "tvg": TEMPORAL_R1_TVG_TEMPLATE},
+}
+"""``data.prompt.template_preset`` -> the default templates per task."""
+
+
 class PromptTooLongError(ValueError):
     """A prompt longer than ``max_prompt_len`` tokens (the row is skipped, counted as prompt_too_long)."""
 
@@ -75,6 +93,10 @@ class PromptConfig:
             video's largest position + 1) or "transformers" (transformers >= 5.3); see
             ``megavrl.models.qwen2_5_vl.rope_index``. Rollout and trainer must agree.
         compute_position_ids: build M-RoPE position ids with the prompt.
+        template_preset: "megavrl" (default) or "temporal_r1" (``TEMPLATE_PRESETS``): the templates a
+            task gets when ``templates`` does not set it. "temporal_r1" also leaves the system message
+            to the chat template (Qwen's default) unless ``system_prompt`` is changed from megavrl's.
+            Use it with ``reward.preset: temporal_r1``.
     """
 
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
@@ -82,11 +104,22 @@ class PromptConfig:
     max_prompt_len: Optional[int] = None
     rope_convention: str = "qwen"
     compute_position_ids: bool = True
+    template_preset: str = "megavrl"
 
     def __post_init__(self) -> None:
+        if self.template_preset not in TEMPLATE_PRESETS:
+            raise ValueError(f"prompt.template_preset={self.template_preset!r} is not one of "
+                             f"{', '.join(map(repr, TEMPLATE_PRESETS))}")
+        preset = TEMPLATE_PRESETS[self.template_preset]
+        if self.template_preset != "megavrl":
+            # Templates left at megavrl's defaults take the preset's; a template set by hand stays.
+            self.templates = {task: preset[task] if text == DEFAULT_TEMPLATES.get(task) else text
+                              for task, text in dict(self.templates).items()}
+            if self.system_prompt == DEFAULT_SYSTEM_PROMPT:
+                self.system_prompt = ""
         missing = [t for t in ("tvg", "mcq", "gqa") if t not in self.templates]
         if missing:
-            self.templates = {**DEFAULT_TEMPLATES, **dict(self.templates)}
+            self.templates = {**preset, **dict(self.templates)}
         if self.max_prompt_len is not None and self.max_prompt_len <= 0:
             raise ValueError(f"prompt.max_prompt_len={self.max_prompt_len} must be positive (or None: see PromptConfig)")
         if self.rope_convention not in ("qwen", "transformers"):

@@ -135,3 +135,19 @@ def test_default_preset_is_unchanged():
     text = '<think>t</think><answer>{"start_time": "-2", "end_time": "4"}</answer>'
     result = score("tvg", text, {"task": "tvg", "timestamps": [0.0, 8.0], "duration": 10.0})
     assert result.components["iou"] == 0.5   # megavrl's reward clips the start to 0
+
+
+def test_the_matching_prompt_asks_for_what_the_format_check_accepts():
+    from megavrl.config import load_config
+    from megavrl.data.prompt import DEFAULT_SYSTEM_PROMPT, TEMPORAL_R1_TVG_TEMPLATE, PromptConfig
+
+    cfg = load_config([], ["reward.preset=temporal_r1", "data.prompt.template_preset=temporal_r1"])
+    assert cfg.reward.preset == "temporal_r1"
+    assert cfg.data.prompt.templates["tvg"] == TEMPORAL_R1_TVG_TEMPLATE and cfg.data.prompt.system_prompt == ""
+    example = TEMPORAL_R1_TVG_TEMPLATE.format(question="q").rsplit("strings: ", 1)[1].rstrip(".")
+    assert temporal_r1_format_reward(f"<think>t</think><answer>{example}</answer>") == 1.0
+    custom = PromptConfig(template_preset="temporal_r1", templates={"tvg": "mine {question}"},
+                          system_prompt=DEFAULT_SYSTEM_PROMPT + " more")
+    assert custom.templates["tvg"] == "mine {question}" and custom.system_prompt.endswith(" more")
+    with pytest.raises(ValueError, match="template_preset='r1'"):
+        PromptConfig(template_preset="r1")
