@@ -49,7 +49,9 @@ Grounded QA (task "gqa"): NExT-GQA, ``code/TempGQA/eval_ground.py`` of doc-doc/N
 
 Overall: ``mean_primary`` is the unweighted mean, over the benchmarks with at least one valid
 sample, of each benchmark's primary metric (``PRIMARY_METRIC``: mIoU for "tvg", accuracy for
-"mcq", Acc@GQA for "gqa"). Every benchmark counts once, whatever its size.
+"mcq", Acc@GQA for "gqa"). Every benchmark counts once, whatever its size. A gqa benchmark where no
+question got a predicted span reports Acc@GQA and the grounding metrics as None (the official
+denominator is 0) and counts 0 in the overall mean.
 """
 from __future__ import annotations
 
@@ -377,7 +379,10 @@ def aggregate_metrics(scored: Iterable[Mapping[str, Any]], expected: Optional[Ma
             logger.warning("%s: %d of %d responses had no parsable answer (scored 0); %d invalid rows skipped",
                            name, entry["n_parse_failures"], entry["n"], entry["n_invalid"])
 
-    primaries = [b[b["primary_metric"]] for b in benchmarks.values() if b["n"] and b["primary_metric"]]
+    # A benchmark with samples but an undefined primary metric (gqa where no question got a span:
+    # NExT-GQA's denominator is 0) counts 0 in the overall mean, so that losing every span never helps.
+    primaries = [b[b["primary_metric"]] if b[b["primary_metric"]] is not None else 0.0
+                 for b in benchmarks.values() if b["n"] and b["primary_metric"]]
     overall = {
         "mean_primary": sum(primaries) / len(primaries) if primaries else None,
         "n_benchmarks": len(primaries),

@@ -259,3 +259,12 @@ def test_prediction_record_from_a_dataset_row():
     assert score_prediction(record)["iou"] == 0.5           # 5 / 10
     row = {"id": "m1", "task": "mcq", "options": OPTIONS, "answer": "A"}
     assert prediction_record(row, "x")["benchmark"] == "mcq"
+
+
+def test_grounded_qa_without_any_span_reports_none_and_counts_zero_overall():
+    records = [_gqa(i, _answer("(A)"), "A", [0, 10]) for i in range(3)]
+    _, metrics = evaluate_predictions(records)
+    entry = metrics["benchmarks"]["nextgqa"]
+    assert entry["n_no_span"] == 3 and entry["Acc@QA"] == 100.0
+    assert entry["Acc@GQA"] is None and entry["mIoU"] is None and entry["IoP@0.5"] is None
+    assert metrics["overall"]["mean_primary"] == 0.0 and metrics["overall"]["n_benchmarks"] == 1
