@@ -80,16 +80,20 @@ def extract_answer(response: object, position: str = "last", fallback_to_respons
 # One time value: an optional minus sign, then a clock time (m:ss, h:mm:ss, optional fraction) or a
 # plain decimal number with an optional exponent ("1.73e+01"). The sign counts only where it cannot
 # be a range dash ("12-17" is a range, "-1.5 to 17.7" starts below zero): it must not follow a word
-# character, a dot, a colon or another dash. The look-behind on the digits stops a match from
+# character, a dot or another dash. The look-behind on the digits stops a match from
 # starting inside another number (keeps scanning linear); the look-ahead stops it from ending inside
 # one ("12" out of "123", "12.5" or "1.5e3").
-_SIGN = r"(?:(?<![\w.:\-\u2212])[-\u2212])?"
+_SIGN = r"(?:(?<![\w.\-\u2212])[-\u2212])?"
 _DIGITS = r"(?:\d+(?::\d{1,2}){1,2}(?:\.\d+)?|(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][+-]?\d+)?)"
 _TIME = rf"{_SIGN}(?<![\d.:])(?:{_DIGITS})(?![\d:]|\.\d|[eE][+-]?\d)"
 _UNIT = r"(?:seconds|second|secs|sec|s)\b"
 # Two groups: value, unit. The unit's leading whitespace sits inside the optional group, so that two
 # adjacent ``\s*`` never compete for one run of spaces (that would be quadratic).
 _T = rf"({_TIME})(?:\s*({_UNIT}))?"
+# After a key and its separator ("end_time:5.2") the value may follow a colon directly: the match is
+# anchored by the key, so it cannot start inside a clock time.
+_KEYED_TIME = rf"{_SIGN}(?<![\d.])(?:{_DIGITS})(?![\d:]|\.\d|[eE][+-]?\d)"
+_KEYED_T = rf"({_KEYED_TIME})(?:\s*({_UNIT}))?"
 _FLAGS = re.IGNORECASE | re.ASCII
 # Range dashes: ASCII hyphen(s) (also as an arrow "-->"), the unicode hyphen, figure dash, en dash,
 # em dash, horizontal bar, minus sign and the arrow U+2192.
@@ -99,8 +103,8 @@ _DASH = r"(?:-+>?|[\u2010-\u2015\u2212\u2192])"
 _START_KEY = r"(?:start|begin)(?:s|ning)?(?:[_ -]?time(?:stamp)?)?"
 _END_KEY = r"end(?:s|ing)?(?:[_ -]?time(?:stamp)?)?"
 _KV_SEP = r"[\"']?\s*(?:[:=]|is\b|at\b)\s*(?:[\"']\s*)?"
-_KV_START = re.compile(rf"(?<![A-Za-z_]){_START_KEY}{_KV_SEP}{_T}", _FLAGS)
-_KV_END = re.compile(rf"(?<![A-Za-z_]){_END_KEY}{_KV_SEP}{_T}", _FLAGS)
+_KV_START = re.compile(rf"(?<![A-Za-z_]){_START_KEY}{_KV_SEP}{_KEYED_T}", _FLAGS)
+_KV_END = re.compile(rf"(?<![A-Za-z_]){_END_KEY}{_KV_SEP}{_KEYED_T}", _FLAGS)
 _BRACKET_PAIR = re.compile(rf"[\[(]\s*{_T}\s*[,;]\s*{_T}\s*[\])]", _FLAGS)
 _RANGE_PAIR = re.compile(
     rf"{_T}\s*(?:{_DASH}|~|\bto\b|\btill\b|\buntil\b|\bthrough\b|\band\b)\s*{_T}", _FLAGS)

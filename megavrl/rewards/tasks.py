@@ -123,7 +123,7 @@ class _Truth:
     letter: Optional[str] = None  # the answer's option letter; None for a free-text answer
     reference: str = ""  # the answer text
     span: Optional[Span] = None  # the first segment
-    segments: list = None  # every segment; the prediction is scored against the best-overlapping one
+    segments: Optional[list] = None  # every segment; the prediction is scored against the best-overlapping one
     duration: Optional[float] = None
     unit: str = "seconds"
 
