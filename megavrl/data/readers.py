@@ -264,13 +264,14 @@ def read_nextgqa_release(path: str, video_ext: str = ".mp4") -> Iterator[Entry]:
                 entry = gsub.get(vid)
                 locations = entry.get("location") if isinstance(entry, dict) else None
                 if not isinstance(locations, dict) or qid not in locations:
-                    raise RowError("no_grounding", f"video {vid} question {qid} has no segment in {os.path.basename(gsub_path)}")
+                    raise RowError("no_grounding",
+                                   f"video {vid} question {qid} has no segment in {os.path.basename(gsub_path)}")
                 spans = _segments(locations[qid], f"{os.path.basename(gsub_path)} {vid}/{qid}")
                 answer: Any = raw["answer"]
                 if answer not in options and str(answer).strip().isdigit():
                     answer = int(answer)  # NExT-QA's original files give the option index
-                meta = {"spans": spans, "qid": qid,
-                        **{k: raw[k] for k in ("type", "frame_count", "width", "height") if raw.get(k) not in (None, "")}}
+                extra = {k: raw[k] for k in ("type", "frame_count", "width", "height") if raw.get(k) not in (None, "")}
+                meta = {"spans": spans, "qid": qid, **extra}
                 row = {"id": f"{vid}_{qid}", "video": _video_name(video_map.get(vid, vid), video_ext), "task": "gqa",
                        "question": raw["question"], "options": options, "answer": answer,
                        "timestamps": _first_non_empty(spans), "meta": meta}
