@@ -92,8 +92,8 @@ def _choice_is_correct(choice: object, ground_truth: Mapping[str, Any]) -> bool:
     return bool(normalize_text(choice)) and normalize_text(choice) == normalize_text(answer)
 
 
-def _score_response(task: str, response: object, ground_truth: Mapping[str, Any],
-                    segments: Optional[list[Span]], reward_config: Any) -> dict[str, Any]:
+def _score_response(task: str, response: object, ground_truth: Mapping[str, Any], reward_config: Any
+                    ) -> dict[str, Any]:
     from megavrl.rewards import score
 
     text = "" if response is None else response
@@ -190,7 +190,7 @@ def score_prediction(record: Mapping[str, Any], reward_config: Any = None) -> di
             raise InvalidRecord(f"ground_truth={ground_truth!r} is not a mapping")
         segments = ground_truth_segments(ground_truth) if task in _NEEDS_SPAN else None
         if "response" in record:
-            values = _score_response(task, record["response"], ground_truth, segments, reward_config)
+            values = _score_response(task, record["response"], ground_truth, reward_config)
         elif "prediction" in record:
             values = _score_parsed(task, record["prediction"], ground_truth)
         else:
