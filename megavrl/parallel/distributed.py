@@ -156,3 +156,14 @@ def destroy_distributed() -> None:
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def finish_distributed() -> None:
+    """End a multi-process command cleanly: wait for every rank (rank 0 may still be stopping its
+    rollout engine), then tear the groups down. A rank that exits while its peers still hold gloo
+    connections to it can make them abort at exit ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    destroy_distributed()

@@ -55,6 +55,9 @@ def _train(args: argparse.Namespace) -> int:
         return 1
     finally:
         trainer.close()
+    from megavrl.parallel.distributed import finish_distributed
+
+    finish_distributed()
     if not summary["interrupted"]:
         return 0
     if int(os.environ.get("RANK", "0")) == 0 and "MEGAVRL_LAUNCHER" not in os.environ:  # else the launcher says it

@@ -44,7 +44,8 @@ def vision_inputs(prepared) -> dict:
 def ground_truth(sample) -> dict:
     """The reward's view of a dataset row."""
     return {"id": sample.id, "task": sample.task, "question": sample.question, "options": sample.options,
-            "answer": sample.answer, "timestamps": sample.timestamps, "duration": sample.duration}
+            "answer": sample.answer, "timestamps": sample.timestamps, "duration": sample.duration,
+            "meta": sample.meta}  # meta.spans: every ground-truth segment (NExT-GQA)
 
 
 def score_groups(groups, prepared: list, reward_config) -> list[list]:

@@ -195,7 +195,10 @@ def _main(args) -> int:
     launched = ensure_launched(args.tp * args.pp)
     if launched is not None:
         return launched
+    from megavrl.parallel.distributed import finish_distributed
+
     report = check_sync(args.hf_dir, args.tp, args.pp, args.video, args.n, args.max_new_tokens, args.step_check)
+    finish_distributed()
     if report is not None:
         print(json.dumps(report), flush=True)
     return 0

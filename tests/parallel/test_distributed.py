@@ -49,12 +49,14 @@ def test_ensure_launched(monkeypatch):
     from megavrl.parallel import launch
 
     calls = []
-    monkeypatch.setattr(launch.subprocess, "run",
-                        lambda cmd, env: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.setattr(launch, "supervise", lambda cmd, env, **kw: calls.append((cmd, env, kw)) or 0)
     monkeypatch.setenv("RANK", "0")
     assert launch.ensure_launched(2, ["-m", "megavrl.cli", "check-parity"]) is None  # under torchrun
     monkeypatch.delenv("RANK")
     assert launch.ensure_launched(1, ["-m", "megavrl.cli", "check-parity"]) is None  # one process
     assert launch.ensure_launched(4, ["-m", "megavrl.cli", "check-parity", "--tp", "2"]) == 0
-    assert calls == [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-                      "--module", "megavrl.cli", "check-parity", "--tp", "2"]]
+    assert launch.ensure_launched(2, ["-m", "megavrl.cli", "train"], grace_s=89.5, status_file="s.json") == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    assert [c[0] for c in calls] == [torchrun + ["4", "--module", "megavrl.cli", "check-parity", "--tp", "2"],
+                                     torchrun + ["2", "--shutdown-timeout", "90", "--module", "megavrl.cli", "train"]]
+    assert calls[1][1]["MEGAVRL_LAUNCHER"] == "1" and calls[1][2] == {"grace_s": 89.5, "status_file": "s.json"}
