@@ -55,7 +55,6 @@ denominator is 0) and counts 0 in the overall mean.
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -100,15 +99,7 @@ def ordered_span(value: object) -> Optional[Span]:
     Every evaluation path (a raw response, an already parsed prediction) goes through it, as
     lmms-eval's ``extract_time`` swaps a reversed pair.
     """
-    if value is None or isinstance(value, (str, bytes, Mapping)):
-        return None
-    try:
-        start, end = (float(v) for v in value)  # type: ignore[union-attr]
-    except (TypeError, ValueError, OverflowError):
-        return None
-    if not (math.isfinite(start) and math.isfinite(end)):
-        return None
-    return (start, end) if start <= end else (end, start)
+    return as_span(value, swap_reversed=True)
 
 
 def lmms_eval_iou(pred: Sequence[float], gt: Sequence[float]) -> float:

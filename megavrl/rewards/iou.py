@@ -38,9 +38,10 @@ def temporal_iou(pred: Optional[Sequence[float]], gt: Optional[Sequence[float]],
     return min(1.0, max(0.0, inter / union))
 
 
-def as_span(value: object) -> Optional[tuple[float, float]]:
+def as_span(value: object, swap_reversed: bool = False) -> Optional[tuple[float, float]]:
     """``value`` as a (start, end) pair of finite floats with start <= end, else None. Never raises.
 
+    swap_reversed: a reversed pair is swapped instead of refused (as lmms-eval's ``extract_time``).
     Strings, bytes and mappings are not spans (iterating them would read characters or keys).
     """
     if value is None or isinstance(value, (str, bytes, Mapping)):
@@ -49,6 +50,8 @@ def as_span(value: object) -> Optional[tuple[float, float]]:
         start, end = (float(v) for v in value)  # type: ignore[union-attr]
     except (TypeError, ValueError, OverflowError):
         return None
-    if not (math.isfinite(start) and math.isfinite(end)) or start > end:
+    if not (math.isfinite(start) and math.isfinite(end)):
         return None
+    if start > end:
+        return (end, start) if swap_reversed else None
     return start, end
