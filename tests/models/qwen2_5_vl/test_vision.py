@@ -51,7 +51,6 @@ def _run_both(reference, tower, grid):
 
 @pytest.mark.parametrize("grid", [[[4, 16, 16]], [[1, 10, 14]], [[1, 10, 14], [2, 4, 6], [4, 16, 16]], [[1, 2, 2]]])
 def test_geometry_matches_transformers(grid):
-    pytest.importorskip("transformers.vision_utils", reason="transformers < 5.19 keeps these helpers elsewhere")
     from transformers.vision_utils import (get_vision_cu_seqlens, get_vision_position_ids,
                                            get_vision_window_index)
 
