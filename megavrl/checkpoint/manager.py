@@ -120,9 +120,13 @@ class CheckpointManager:
             meta = {"step": step, "world_size": world_size(), "layout": parallel_layout(),
                     "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **(metadata or {})}
             (tmp / MARKER).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-            if final.exists():  # a re-save of the same step (e.g. on SIGTERM right after a save)
-                shutil.rmtree(final)
+            old = None
+            if final.exists():  # a re-save of the same step: set the old one aside until the new one is in place
+                old = self.root / f".tmp-replaced-{final.name}-{int(time.time() * 1000)}"
+                os.replace(final, old)
             os.replace(tmp, final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
             self._prune()
             log.info("saved checkpoint %s in %.1f s", final, time.perf_counter() - t0)
         barrier()
@@ -166,10 +170,10 @@ class CheckpointManager:
                                 rank_state=rank_state, metadata=metadata)
 
     def remove_stale(self) -> list[Path]:
-        """Remove ``.tmp-step_*`` directories that writers killed mid-save left behind. Call it
+        """Remove the ``.tmp-*`` directories that writers killed mid-save left behind. Call it
         at the start of a run (rank 0), before this run saves anything."""
         removed = []
-        for stale in self.root.glob(".tmp-step_*") if self.root.is_dir() else []:
+        for stale in self.root.glob(".tmp-*") if self.root.is_dir() else []:
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
                 removed.append(stale)
@@ -183,7 +187,7 @@ class CheckpointManager:
         for _, old in done[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
             log.info("removed old checkpoint %s (keep_last=%d)", old, self.keep_last)
-        for stale in self.root.glob(".tmp-step_*"):  # left by a run killed while saving
+        for stale in self.root.glob(".tmp-*"):  # left by a run killed while saving
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
 

@@ -164,6 +164,7 @@ class Trainer:
             self._build_rank0()
         self.ckpt = CheckpointManager(self.ckpt_dir, keep_last=cfg.checkpoint.keep_last)
         self._preemption = None  # the stop-signal handler while run() runs
+        self.last_checkpoint: Path | None = None
         if global_rank() == 0:
             self.ckpt.remove_stale()
         self.step = 0
@@ -176,7 +177,13 @@ class Trainer:
         resumed = self._resume()
         if not resumed and (reused_engine or cfg.model.megatron_ckpt):
             self.sync_weights()  # the engine holds other weights than the actor starts from
+        self.resumed = resumed
+        # A finished run started again (a requeue after the last step, a command run twice): nothing
+        # to train, and nothing of its outputs (metrics, export, evaluation) is touched.
+        self.already_complete = resumed and self.step >= cfg.trainer.total_steps and \
+            broadcast_object(self._previous_status() if global_rank() == 0 else None) == "completed"
         self.metrics = MetricsWriter(self.tb_dir, console_every=cfg.logging.log_every,
+                                     enabled=False if self.already_complete else None,
                                      resume_step=self.step if resumed else None, console_keys=[
             "reward/total", "reward/std", "reward/parse_fail_rate", "loss", "kl_loss", "entropy", "clip_fraction", "grad_norm",
             "token_mult_prob_error", "response_len/mean", "time/step", "throughput/tokens_per_s"])
@@ -206,6 +213,15 @@ class Trainer:
             self.engine = RolloutEngine(cfg.model.hf_dir, cfg.rollout)
             log.info("vLLM engine started in %.1f s", time.perf_counter() - t0)
 
+    def _previous_status(self) -> str | None:
+        """The status an earlier run in this output directory left in run_status.json, if any."""
+        import json
+
+        try:
+            return json.loads((self.output_dir / "run_status.json").read_text()).get("status")
+        except (OSError, ValueError, AttributeError):
+            return None
+
     def _resume(self) -> bool:
         """Load the checkpoint ``checkpoint.resume`` points at, if any; True when resumed."""
         from megavrl.checkpoint.manager import restore_rng_state
@@ -224,6 +240,7 @@ class Trainer:
             self.data_iter = iter(self.dataset)
         self.nonfinite_total = int(loaded.metadata.get("nonfinite_total", 0))
         self.nonfinite_in_a_row = int(loaded.metadata.get("nonfinite_in_a_row", 0))
+        self.last_checkpoint = Path(path)
         log.info("resumed from %s at step %d (Adam step %d)", path, self.step, self.actor.optim.adam_step())
         self.sync_weights()
         return True
@@ -233,9 +250,17 @@ class Trainer:
         from megavrl.rl.preemption import PreemptionHandler
 
         cfg = self.cfg
+        if self.already_complete:
+            if global_rank() == 0:
+                print(f"megavrl train: {self.output_dir} already holds the complete run ({self.step} steps, "
+                      f"checkpoint {self.last_checkpoint}); nothing to do. Raise trainer.total_steps to train "
+                      f"further, or use another trainer.output_dir.", flush=True)
+            return {"step": self.step, "interrupted": False, "signal": None, "already_complete": True,
+                    "checkpoint": str(self.last_checkpoint), "before": {}, "after": {},
+                    "tensorboard": str(self.tb_dir), "nonfinite_steps": self.nonfinite_total}
         self._write_status("running")
         interrupted = None  # the signal that stopped the run
-        saved_step = None
+        saved_step = self.step if self.resumed else None  # the checkpoint of this step exists
         with PreemptionHandler(grace_s=cfg.trainer.preemption_grace_s) as preemption:
             self._preemption = preemption
             before = self.evaluate("before") if self.step == 0 else {}
@@ -269,7 +294,7 @@ class Trainer:
                     interrupted = self._stopped_by(preemption)
                     break
             if interrupted is None:
-                final = self.save() if saved_step != self.step else self.ckpt.latest()
+                final = self.save() if saved_step != self.step else self.last_checkpoint
                 # A signal now leaves the steps done but the export and the final eval to the resumed run.
                 if preemption.should_stop():
                     interrupted = self._stopped_by(preemption)
@@ -598,6 +623,7 @@ class Trainer:
                                             "tp": self.layout.tp, "pp": self.layout.pp},
                                   hf_files_from=self.cfg.model.hf_dir)
         restore_rng_state(current)
+        self.last_checkpoint = path
         return path
 
     def export_hf(self, ckpt: Path, out: Path) -> None:

@@ -267,6 +267,16 @@ def test_kill_9_of_the_whole_job_at_chosen_moments_then_resume_is_exact(tmp_path
     assert [r["step"] for r in got] == list(range(1, steps + 1))  # each step once: no duplicates
     assert got == want
 
+    # Started again once complete (a requeue after the last step): it says so and touches nothing.
+    def outputs() -> dict:
+        return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*")
+                if p.is_file() and p.name != "config.yaml"}
+    before = outputs()
+    again = Job(out, overrides)
+    assert again.wait(timeout=600) == 0, again.text()[-3000:]
+    assert "already holds the complete run (8 steps" in again.text() and "nothing to do" in again.text()
+    assert outputs() == before
+
 
 def test_torchrun_launch_script_runs_on_one_cpu_node(tmp_path, data_overrides):
     # torchrun from this environment's bin directory, as after `source .venv/bin/activate`
