@@ -15,10 +15,9 @@ from __future__ import annotations
 import math
 import os
 import resource
-import shutil
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
