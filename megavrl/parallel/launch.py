@@ -10,12 +10,32 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
 
 from megavrl.log import get_logger
 
 log = get_logger(__name__)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+"""The signals that stop a run after a checkpoint (Slurm, scancel, torchrun, Ctrl-C)."""
+
+EXIT_INTERRUPTED = 75
+"""Exit status of a run stopped by SIGTERM/SIGHUP/SIGUSR1 after saving a complete checkpoint
+(EX_TEMPFAIL: "try again later"). Slurm sites can requeue on it with ``RequeueExit=75``. Ctrl-C
+(SIGINT) gives the shell's usual 130."""
+
+
+def exit_code_for(signum: int | None) -> int:
+    """The exit status of a run interrupted by ``signum`` (after its checkpoint was written)."""
+    return 130 if signum == signal.SIGINT else EXIT_INTERRUPTED
+
+
+def interrupted_message(step: int, checkpoint: str | None) -> str:
+    return (f"megavrl train: interrupted at step {step}; checkpoint {checkpoint} is complete. Run the same "
+            f"command to resume (checkpoint.resume=auto).")
 
 
 def cli_argv() -> list[str]:
@@ -64,11 +84,9 @@ def supervise(cmd: list[str], env: dict, *, grace_s: float | None = None,
       died) come back to it and are killed when torchrun has exited, or when it has not exited
       ``grace_s`` + 30 s after the signal.
     """
-    import signal
     import time
 
     from megavrl.parallel.process_tree import become_subreaper, kill_descendants, reap_children, set_parent_death_signal
-    from megavrl.rl.preemption import STOP_SIGNALS, exit_code_for
 
     become_subreaper()
     launcher = os.getpid()
@@ -116,8 +134,6 @@ def supervise(cmd: list[str], env: dict, *, grace_s: float | None = None,
             signal.signal(sig, handler)
     status = _read_status(status_file, since=started)
     if status is not None and status.get("status") == "interrupted":
-        from megavrl.rl.commands import interrupted_message
-
         print(interrupted_message(status.get("step"), status.get("checkpoint")), file=sys.stderr, flush=True)
         return exit_code_for(received[0] if received else status.get("signal"))
     if received and rc != 0:
@@ -130,20 +146,19 @@ def _forward(torchrun: subprocess.Popen, signum: int) -> None:
     whose workers all succeeded, exits 0 too. (Signalled itself, torchrun would end with a
     traceback and a failure status whatever the workers did.) Before the workers exist, torchrun
     gets it. SIGUSR1, which torchrun does not handle, is sent as SIGTERM."""
-    import signal
-
     import psutil
 
     if torchrun.poll() is not None:
         return
     try:
-        workers = psutil.Process(torchrun.pid).children()
+        targets = [w.pid for w in psutil.Process(torchrun.pid).children()]
     except psutil.Error:
-        workers = []
-    for target in workers or [torchrun]:
+        targets = []
+    if not targets:
+        targets, signum = [torchrun.pid], signal.SIGTERM if signum == signal.SIGUSR1 else signum
+    for pid in targets:
         try:
-            os.kill(target.pid if workers else torchrun.pid,
-                    signal.SIGTERM if signum == signal.SIGUSR1 and not workers else signum)
+            os.kill(pid, signum)
         except ProcessLookupError:
             pass
 

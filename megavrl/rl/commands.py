@@ -44,7 +44,7 @@ def _train(args: argparse.Namespace) -> int:
 
         # torchrun killed with -9 cannot forward anything: the kernel tells us instead, and we checkpoint.
         set_parent_death_signal(signal.SIGTERM)
-    from megavrl.rl.preemption import exit_code_for
+    from megavrl.parallel.launch import exit_code_for, interrupted_message
     from megavrl.rl.trainer import NonFiniteStop, Trainer
 
     trainer = Trainer(cfg)
@@ -74,8 +74,3 @@ def check_training_data(cfg) -> None:
 
     builder = PromptBuilder.from_hf_dir(cfg.model.hf_dir, cfg.data.prompt)
     VideoTaskDataset(cfg.data, builder=builder, split="train").check_usable()
-
-
-def interrupted_message(step: int, checkpoint: str | None) -> str:
-    return (f"megavrl train: interrupted at step {step}; checkpoint {checkpoint} is complete. Run the same "
-            f"command to resume (checkpoint.resume=auto).")

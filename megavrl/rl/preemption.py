@@ -33,20 +33,10 @@ from contextlib import contextmanager
 import torch
 
 from megavrl.log import get_logger
+# Which signals stop a run and its exit status are job-level facts that the launcher reports too.
+from megavrl.parallel.launch import EXIT_INTERRUPTED, STOP_SIGNALS, exit_code_for  # noqa: F401 (re-exported)
 
 log = get_logger(__name__)
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
-
-EXIT_INTERRUPTED = 75
-"""Exit status of a run stopped by SIGTERM/SIGHUP/SIGUSR1 after saving a complete checkpoint
-(EX_TEMPFAIL: "try again later"). Slurm sites can requeue on it with ``RequeueExit=75``; the
-sbatch example requeues on it itself. Ctrl-C (SIGINT) gives the shell's usual 130."""
-
-
-def exit_code_for(signum: int | None) -> int:
-    """The exit status of a run interrupted by ``signum`` (after its checkpoint was written)."""
-    return 130 if signum == signal.SIGINT else EXIT_INTERRUPTED
 
 
 class StopRequested(BaseException):
