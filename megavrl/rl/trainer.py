@@ -302,7 +302,7 @@ class Trainer:
             after = self.evaluate("after") if interrupted is None else {}
             self._preemption = None
         self.metrics.close()
-        latest = self.ckpt.latest()
+        latest = self.last_checkpoint
         summary = {"step": self.step, "interrupted": interrupted is not None, "signal": interrupted,
                    "checkpoint": str(latest) if latest else None, "before": before, "after": after,
                    "tensorboard": str(self.tb_dir), "nonfinite_steps": self.nonfinite_total}
@@ -618,8 +618,7 @@ class Trainer:
             path = self.ckpt.save(self.step, self.actor.sharded_state_dict(), rank_state=state,
                                   metadata={"config": to_dict(self.cfg), "nonfinite_total": self.nonfinite_total,
                                             "nonfinite_in_a_row": self.nonfinite_in_a_row,
-                                            "adam_step": self.actor.optim.adam_step(),
-                                            "tp": self.layout.tp, "pp": self.layout.pp},
+                                            "adam_step": self.actor.optim.adam_step()},
                                   hf_files_from=self.cfg.model.hf_dir)
         restore_rng_state(current)
         self.last_checkpoint = path
