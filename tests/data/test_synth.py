@@ -94,3 +94,38 @@ def test_inspect_prints_the_plan(videos, capsys):
     assert main(["data", "inspect", "--video", path]) == 0
     assert "frame indices:" in capsys.readouterr().out
     assert main(["data", "inspect", "--video", path + ".missing"]) == 1
+
+
+@pytest.mark.parametrize("difficulty", ["easy", "medium", "hard"])
+def test_a_constant_answer_scores_little(difficulty):
+    # The tasks need the video: the best constant answer (the eval report's blind baseline) on
+    # 200 videos of each seed scores mIoU <= 15 on tvg and gqa, a letter 1/4 (balanced by
+    # construction), Acc@GQA <= 15. Planning the rows renders nothing, so this is cheap.
+    from megavrl.data.synth import SynthSettings, plan_video
+    from megavrl.eval.blind import blind_baseline
+
+    for seed in (0, 1, 2):
+        settings = SynthSettings(n=200, seed=seed, difficulty=difficulty)
+        rows = [row for i in range(settings.n) for row in plan_video(i, settings)[1]]
+        blind = {task: blind_baseline(task, [{"ground_truth": r} for r in rows if r["task"] == task])["blind_baseline"]
+                 for task in ("tvg", "mcq", "gqa")}
+        assert blind["tvg"]["mIoU"] <= 15, (seed, blind["tvg"])
+        assert blind["mcq"]["accuracy"] == pytest.approx(25.0), (seed, blind["mcq"])
+        assert blind["gqa"]["Acc@QA"] == pytest.approx(25.0), (seed, blind["gqa"])
+        assert blind["gqa"]["Acc@GQA"] <= 15 and blind["gqa"]["mIoU"] <= 15, (seed, blind["gqa"])
+        spans = [r["timestamps"] for r in rows if r["task"] == "tvg"]
+        starts = [s for s, _ in spans]
+        assert min(starts) == 0 and max(e for _, e in spans) == 8.0  # spread over the whole video
+        assert all(e - s <= 8.0 * 5 / 32 + 0.5 for s, e in spans)
+
+
+def test_written_rows_are_the_planned_rows(synth_dir):
+    from megavrl.data.synth import SynthSettings, plan_video
+
+    manifest = json.loads((synth_dir / "manifest.json").read_text())
+    settings = SynthSettings(**manifest["settings"])
+    written = [json.loads(x) for split in ("train", "val")
+               for x in (synth_dir / f"{split}.jsonl").read_text().splitlines()]
+    assert written == [row for i in range(settings.n) for row in plan_video(i, settings)[1]]
+    for row in written:  # event boundaries on the 0.5 s grid
+        assert all((2 * x).is_integer() for e in row["meta"]["events"] for x in (e["start"], e["end"]))
