@@ -86,6 +86,9 @@ TASK_COUNTS: dict[str, tuple[str, ...]] = {"gqa": ("n_no_span",)}
 PRIMARY_METRIC: dict[str, str] = {"tvg": "mIoU", "mcq": "accuracy", "gqa": "Acc@GQA"}
 """The metric of each task that enters the overall score."""
 
+BLIND_KEY = "blind"
+"""Flat metric keys ``<benchmark>/blind/<metric>`` hold the blind baseline of ``<benchmark>/<metric>``."""
+
 TASK_TITLES: dict[str, str] = {"tvg": "Temporal video grounding", "mcq": "Multiple-choice QA",
                                "gqa": "Grounded QA"}
 
@@ -323,9 +326,12 @@ def aggregate_metrics(scored: Iterable[Mapping[str, Any]], expected: Optional[Ma
             show ``n = 0`` and ``None`` metrics), in the order to report them.
     Returns:
         ``{"benchmarks": {name: {"task", "n", "n_parse_failures", "n_invalid", "format_rate",
-        "primary_metric", <the task's metrics>}}, "overall": {"mean_primary", "n_benchmarks",
-        "n", "n_parse_failures", "n_invalid"}}``. Percentages in [0, 100]; ``format_rate`` is the
-        percentage of responses that follow the answer template (None without raw responses).
+        "primary_metric", <the task's metrics>, "blind_baseline": {<metric>: value}, "blind_answer",
+        "blind_exact"}}, "overall": {"mean_primary", "n_benchmarks", "n", "n_parse_failures",
+        "n_invalid"}}``. Percentages in [0, 100]; ``format_rate`` is the percentage of responses
+        that follow the answer template (None without raw responses); ``blind_baseline`` holds what
+        the best constant answer scores on each metric (``megavrl.eval.blind``; absent for an empty
+        benchmark).
     Raises:
         ValueError: a benchmark mixes tasks, or a task has no metrics (a configuration error).
     """
@@ -343,6 +349,8 @@ def aggregate_metrics(scored: Iterable[Mapping[str, Any]], expected: Optional[Ma
             raise ValueError(f"benchmark {name!r} mixes tasks {group['task']!r} and {task!r} (record "
                              f"{record.get('id')!r}): give each task its own benchmark name")
         group["samples"].append(record)
+
+    from megavrl.eval.blind import blind_baseline
 
     benchmarks: dict[str, dict[str, Any]] = {}
     for name, group in groups.items():
@@ -365,6 +373,7 @@ def aggregate_metrics(scored: Iterable[Mapping[str, Any]], expected: Optional[Ma
             "primary_metric": PRIMARY_METRIC[task],
         }
         entry.update(task_metrics(task, samples))
+        entry.update(blind_baseline(task, samples))
         benchmarks[name] = entry
         if entry["n_parse_failures"] or entry["n_invalid"]:
             logger.warning("%s: %d of %d responses had no parsable answer (scored 0); %d invalid rows skipped",
@@ -385,7 +394,8 @@ def aggregate_metrics(scored: Iterable[Mapping[str, Any]], expected: Optional[Ma
 
 
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "eval") -> dict[str, float]:
-    """``{"<prefix>/<benchmark>/<metric>": value}`` plus ``<prefix>/overall/mean_primary``, for TensorBoard.
+    """``{"<prefix>/<benchmark>/<metric>": value}`` plus ``<prefix>/overall/mean_primary``, for TensorBoard;
+    each blind baseline as ``<prefix>/<benchmark>/blind/<metric>``.
 
     Only numeric values are kept (``None`` metrics of empty benchmarks are left out).
     """
@@ -394,6 +404,9 @@ def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "eval") -> dict[st
         for key, value in entry.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 flat[f"{prefix}/{name}/{key}"] = float(value)
+        for key, value in (entry.get("blind_baseline") or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                flat[f"{prefix}/{name}/{BLIND_KEY}/{key}"] = float(value)
     mean = metrics.get("overall", {}).get("mean_primary")
     if mean is not None:
         flat[f"{prefix}/overall/mean_primary"] = float(mean)

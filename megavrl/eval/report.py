@@ -88,13 +88,15 @@ def metrics_markdown(metrics: Mapping[str, Any], digits: int = 2, title: str = "
     benchmarks: Mapping[str, Mapping[str, Any]] = metrics.get("benchmarks", {})
     overall: Mapping[str, Any] = metrics.get("overall", {})
     lines = [f"## {title}", "",
-             "| benchmark | task | n | parse failures | invalid | primary metric | value |",
-             "| --- | --- | ---: | ---: | ---: | --- | ---: |"]
+             "| benchmark | task | n | parse failures | invalid | primary metric | value | blind baseline | blind answer |",
+             "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
     for name, entry in benchmarks.items():
         primary = entry.get("primary_metric")
+        blind = entry.get("blind_baseline") or {}
         lines.append("| " + " | ".join(_cell(v, digits) for v in (
             name, entry.get("task"), entry.get("n"), entry.get("n_parse_failures"), entry.get("n_invalid"),
-            primary, entry.get(primary) if primary else None)) + " |")
+            primary, entry.get(primary) if primary else None, blind.get(primary) if primary else None,
+            entry.get("blind_answer"))) + " |")
     lines += ["", f"Overall (unweighted mean of the primary metrics of {overall.get('n_benchmarks', 0)} "
               f"non-empty benchmarks): **{_cell(overall.get('mean_primary'), digits)}**"]
     for task, names in TASK_METRICS.items():
@@ -107,10 +109,19 @@ def metrics_markdown(metrics: Mapping[str, Any], digits: int = 2, title: str = "
                   "| --- | " + " | ".join("---:" for _ in columns) + " |"]
         for name, entry in rows:
             lines.append("| " + " | ".join([_cell(name, digits)] + [_cell(entry.get(c), digits) for c in columns]) + " |")
+            blind = entry.get("blind_baseline")
+            if blind:
+                bound = "" if entry.get("blind_exact", True) else ", lower bound"
+                lines.append("| " + " | ".join([_cell(f"{name} (blind: constant answer{bound})", digits)]
+                                               + [_cell(entry.get("n") if c == "n" else blind.get(c), digits)
+                                                  if c in blind or c == "n" else "" for c in columns]) + " |")
     lines.append("")
     lines.append("All values are percentages; parse failures count as 0 (IoU 0, wrong answer); invalid rows "
                  "(unusable ground truth) are left out. Grounded QA follows NExT-GQA's eval_ground.py: its IoU/IoP "
-                 "metrics and Acc@GQA are over the questions with a predicted span (n - n_no_span).")
+                 "metrics and Acc@GQA are over the questions with a predicted span (n - n_no_span). The blind "
+                 "baseline of a metric is the best value a constant answer (the same for every question, chosen "
+                 "knowing the ground truth) gets on it; the blind answer is the one for the primary metric "
+                 "(megavrl.eval.blind). A model at or below it shows nothing learned from the videos.")
     return "\n".join(lines) + "\n"
 
 

@@ -673,11 +673,9 @@ class Trainer:
         return broadcast_object(result)
 
     def _print_summary(self, summary: dict) -> None:
+        from megavrl.eval.summary import eval_summary_lines
+
         lines = [f"megavrl train: {summary['step']} steps{' (interrupted)' if summary['interrupted'] else ''}"]
-        keys = sorted(set(summary["before"]) | set(summary["after"]))
-        for k in keys:
-            b, a = summary["before"].get(k), summary["after"].get(k)
-            if isinstance(b, (int, float)) or isinstance(a, (int, float)):
-                lines.append(f"  eval {k}: before {b if b is not None else '-'} -> after {a if a is not None else '-'}")
+        lines += eval_summary_lines(summary["before"], summary["after"])
         lines.append(f"  TensorBoard logs: {summary['tensorboard']}  (tensorboard --logdir {summary['tensorboard']})")
         print("\n".join(lines), flush=True)
