@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--size", default="160x120", help="WIDTHxHEIGHT, even numbers (default 160x120)")
     s.add_argument("--grid", type=float, default=0.5,
                    help="events start and end on multiples of this many seconds (default 0.5; 0: any frame)")
+    s.add_argument("--distractors", type=int, default=None,
+                   help="shapes besides the one asked about in mcq/gqa (default: 1 easy, 2 medium, 4 hard)")
+    s.add_argument("--no-clock", dest="clock", action="store_false",
+                   help="keep the background constant (default: it brightens with time, a visible clock)")
     s.add_argument("--val-fraction", type=float, default=0.125, help="share of videos in val.jsonl (default 0.125)")
     s.add_argument("--workers", type=int, default=2, help="videos encoded in parallel (default 2)")
     s.set_defaults(func=_synth)
@@ -56,7 +60,8 @@ def _synth(args: argparse.Namespace) -> int:
         width, height = parse_size(args.size)
         settings = SynthSettings(tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), n=args.n,
                                  seed=args.seed, difficulty=args.difficulty, fps=args.fps, seconds=args.seconds,
-                                 width=width, height=height, val_fraction=args.val_fraction, grid=args.grid)
+                                 width=width, height=height, val_fraction=args.val_fraction, grid=args.grid,
+                                 clock=args.clock, distractors=args.distractors)
     except ValueError as exc:
         print(f"megavrl data synth: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
-"""The console lines of a training run's evaluation: each metric before -> after, beside its blind baseline."""
+"""Console summaries of evaluations: each metric before -> after training, beside its blind baseline."""
 from __future__ import annotations
 
-from typing import Mapping
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
 
 from megavrl.eval.metrics import BLIND_KEY
 
@@ -36,3 +37,70 @@ def eval_summary_lines(before: Mapping[str, object], after: Mapping[str, object]
             line += f"  (blind baseline {_number(blind)})"
         lines.append(line)
     return lines
+
+
+def _load(path: Path) -> Mapping[str, Any]:
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def stage_table(stages: Sequence[tuple[str, Path]]) -> str:
+    """A table of each benchmark's primary metric, before -> after each training stage, beside its blind baseline.
+
+    ``stages``: (name, run output directory) in order; each directory holds ``eval/before`` and
+    ``eval/after`` reports (``metrics.json``), as ``megavrl train`` writes them. A stage whose
+    report is missing shows "-".
+    """
+    reports = []
+    for name, run in stages:
+        pair = []
+        for tag in ("before", "after"):
+            path = Path(run) / "eval" / tag / "metrics.json"
+            pair.append(_load(path).get("benchmarks", {}) if path.exists() else {})
+        reports.append((name, pair))
+    names: list[str] = []
+    for _, pair in reports:
+        for benchmarks in pair:
+            names += [n for n in benchmarks if n not in names]
+    header = ["benchmark", "metric", "blind"] + [f"{name} before -> after" for name, _ in reports]
+    rows = []
+    for bench in names:
+        entry = next((b[bench] for _, pair in reports for b in pair if bench in b), {})
+        metric = entry.get("primary_metric")
+        if not metric:
+            continue
+        blind = next((b[bench].get("blind_baseline", {}).get(metric) for _, pair in reports for b in pair
+                      if bench in b and b[bench].get("blind_baseline")), None)
+        cells = [bench, metric, _number(blind)]
+        for _, (before, after) in reports:
+            cells.append(f"{_number(before.get(bench, {}).get(metric))} -> {_number(after.get(bench, {}).get(metric))}")
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(header)] + [fmt(r) for r in rows])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m megavrl.eval.summary NAME=RUN_DIR ...``: print ``stage_table`` of those runs."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m megavrl.eval.summary",
+        description="Print each benchmark's primary metric before -> after each training run, beside its blind "
+                    "baseline (the best constant answer), from the runs' eval/{before,after}/metrics.json.")
+    parser.add_argument("runs", nargs="+", metavar="NAME=RUN_DIR", help="e.g. SFT=runs/demo/sft GRPO=runs/demo/grpo")
+    args = parser.parse_args(argv)
+    stages = []
+    for item in args.runs:
+        name, sep, run = item.partition("=")
+        if not sep or not name or not run:
+            parser.error(f"{item!r} is not NAME=RUN_DIR")
+        stages.append((name, Path(run)))
+    print(stage_table(stages))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -129,3 +129,23 @@ def test_written_rows_are_the_planned_rows(synth_dir):
     assert written == [row for i in range(settings.n) for row in plan_video(i, settings)[1]]
     for row in written:  # event boundaries on the 0.5 s grid
         assert all((2 * x).is_integer() for e in row["meta"]["events"] for x in (e["start"], e["end"]))
+
+
+def test_clock_and_distractor_options(synth_dir, tmp_path):
+    import decord
+
+    from megavrl.data.synth import CLOCK_LEVELS
+
+    def corner_brightness(path):  # the top-left 4x4 pixels: background unless a shape passes there
+        frames = decord.VideoReader(str(path)).get_batch([0, -1]).asnumpy().astype(float)
+        return frames[:, :4, :4].mean(axis=(1, 2, 3))
+
+    first, last = corner_brightness(next((synth_dir / "videos").glob("*.mp4")))
+    assert last - first == pytest.approx(CLOCK_LEVELS, abs=8)  # the background brightens with time
+    assert main(["data", "synth", "--out", str(tmp_path), "--n", "2", "--tasks", "gqa", "--no-clock",
+                 "--distractors", "0", "--val-fraction", "0"]) == 0
+    first, last = corner_brightness(tmp_path / "videos" / "synth_00000.mp4")
+    assert abs(last - first) < 4
+    rows = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert [len(r["meta"]["events"]) for r in rows] == [1, 1]
+    assert main(["data", "synth", "--out", str(tmp_path / "x"), "--distractors", "8"]) == 2
