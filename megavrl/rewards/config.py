@@ -20,6 +20,11 @@ class RewardConfig:
         format_mode: "strict" = the response is exactly one ``<think>...</think>`` followed by one
             non-empty ``<answer>...</answer>`` (whitespace allowed around them); "lenient" = a
             non-empty answer block is present anywhere.
+        format_needs_answer: the format component is 1 only when, besides the template, the answer
+            block parses for the task (a span for tvg, an option for mcq, both for gqa), as
+            Temporal-R1's format check parses its JSON answer. Default True: with False, a
+            template around an unreadable answer scores as well-formed, and GRPO then reinforces
+            malformed answers in groups where no sample parses (the demo's "1.1.1.1", issue 19).
         format_weight: weight of the format component (0 or 1) in every task's total.
         iou_weight: weight of the temporal IoU (in [0, 1]) for temporal video grounding ("tvg").
         choice_weight: weight of the multiple-choice accuracy (0 or 1) for "mcq".
@@ -37,6 +42,7 @@ class RewardConfig:
 
     answer_position: str = "last"
     format_mode: str = "strict"
+    format_needs_answer: bool = True
     format_weight: float = 1.0
     iou_weight: float = 1.0
     choice_weight: float = 1.0
@@ -50,6 +56,8 @@ class RewardConfig:
         _check_choice("reward.format_mode", self.format_mode, FORMAT_MODES)
         _check_choice("reward.timestamp_unit", self.timestamp_unit, TIMESTAMP_UNITS)
         _check_choice("reward.preset", self.preset, PRESETS)
+        if not isinstance(self.format_needs_answer, bool):
+            raise ValueError(f"reward.format_needs_answer={self.format_needs_answer!r} must be true or false")
         for name in ("format_weight", "iou_weight", "choice_weight", "gqa_choice_weight", "gqa_iou_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

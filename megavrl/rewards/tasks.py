@@ -2,8 +2,8 @@
 
 Each task's total is ``format_weight * format + sum(weight_c * component_c)`` with the weights
 of ``RewardConfig``; ``components`` holds the unweighted values. A response whose answer cannot
-be parsed gets 0 on the task components (its format component is still scored) and
-``parse_ok=False``. A row whose ground truth is unusable scores 0 everywhere with
+be parsed gets 0 on the task components and ``parse_ok=False``; its format component is 0 too
+(``RewardConfig.format_needs_answer``, default), or, with that off, the template alone is scored. A row whose ground truth is unusable scores 0 everywhere with
 ``invalid_sample=True`` (so its whole group has zero advantage).
 """
 from __future__ import annotations
@@ -197,6 +197,11 @@ def _reward(names: tuple[str, ...], weights: dict[str, float], response: str, sa
         if "iou" in names:
             components["iou"], error = _iou_score(answer, truth, parsed)
             errors += [error] if error else []
+    if errors and config.format_needs_answer:
+        # A template around an unreadable answer ("<answer>1.1.1.1</answer>") is not the format the
+        # task asks for. Rewarding it as such made GRPO reinforce malformed answers whenever no
+        # sample of a group parsed (their format was the only reward that varied).
+        components["format"] = 0.0
     total = sum(weights[name] * value for name, value in components.items())
     return RewardResult(total=float(total), components=components, parsed=parsed,
                         parse_ok=not errors, error="; ".join(errors) or None)

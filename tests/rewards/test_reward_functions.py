@@ -114,8 +114,10 @@ def test_tvg_reward_fraction_unit_from_config_or_row():
 
 def test_tvg_parse_failures_score_zero_and_are_flagged():
     no_span = score("tvg", wrap("somewhere in the middle"), TVG)
-    assert no_span.components == {"format": 1.0, "iou": 0.0}
-    assert no_span.total == 1.0 and not no_span.parse_ok and "span" in no_span.error
+    assert no_span.components == {"format": 0.0, "iou": 0.0}  # the template around no span is not the format
+    assert no_span.total == 0.0 and not no_span.parse_ok and "span" in no_span.error
+    template_only = score("tvg", wrap("somewhere in the middle"), TVG, RewardConfig(format_needs_answer=False))
+    assert template_only.components == {"format": 1.0, "iou": 0.0} and template_only.total == 1.0
     no_answer = score("tvg", "<think>12.5 to 17.8</think>", TVG)
     assert no_answer.total == 0.0 and not no_answer.parse_ok and "<answer>" in no_answer.error
 
@@ -151,7 +153,7 @@ def test_mcq_reward_weights_and_answer_as_option_text():
 
 def test_mcq_unparsable_letter_is_a_counted_failure():
     result = score("mcq", wrap("maybe the second one"), MCQ)
-    assert result.components == {"format": 1.0, "choice": 0.0}
+    assert result.components == {"format": 0.0, "choice": 0.0}
     assert not result.parse_ok and "letter" in result.error
 
 
@@ -174,8 +176,9 @@ def test_mcq_free_text_answer_without_options():
 def test_gqa_reward_hand_computed(answer, choice, iou):
     config = RewardConfig(gqa_choice_weight=0.7, gqa_iou_weight=0.3, format_weight=0.2)
     result = score("gqa", wrap(answer), GQA, config)
-    assert result.components == {"format": 1.0, "choice": choice, "iou": pytest.approx(iou)}
-    assert result.total == pytest.approx(0.2 + 0.7 * choice + 0.3 * iou)
+    fmt = 1.0 if result.parse_ok else 0.0  # "B" alone lacks the span the gqa answer format asks for
+    assert result.components == {"format": fmt, "choice": choice, "iou": pytest.approx(iou)}
+    assert result.total == pytest.approx(0.2 * fmt + 0.7 * choice + 0.3 * iou)
 
 
 def test_gqa_partial_parse_is_flagged():
@@ -272,7 +275,7 @@ def test_a_raising_reward_function_is_caught_and_reported():
 
 def test_reward_config_fields_defaults_and_validation():
     assert [(f.name, f.default) for f in fields(RewardConfig)] == [
-        ("answer_position", "last"), ("format_mode", "strict"), ("format_weight", 1.0), ("iou_weight", 1.0),
+        ("answer_position", "last"), ("format_mode", "strict"), ("format_needs_answer", True), ("format_weight", 1.0), ("iou_weight", 1.0),
         ("choice_weight", 1.0), ("gqa_choice_weight", 1.0), ("gqa_iou_weight", 1.0), ("timestamp_unit", "seconds"),
         ("preset", "megavrl")]
     assert score("tvg", wrap("[10, 20]"), TVG, asdict(RewardConfig(iou_weight=3.0))).total == 4.0
@@ -311,19 +314,36 @@ def test_score_never_raises_and_is_bounded(response, task, mode, unit):
 def test_reward_stats_summary_and_merge():
     a, b = RewardStats(), RewardStats()
     a.add("tvg", score("tvg", wrap("[10, 20]"), TVG))  # total 2, iou 1
-    a.add("tvg", score("tvg", wrap("no span"), TVG))  # total 1, parse failure
+    a.add("tvg", score("tvg", wrap("no span"), TVG))  # total 0 (no format without a span), parse failure
     b.add("mcq", score("mcq", wrap("B"), MCQ))  # total 2
     b.add("mcq", score("mcq", wrap("B"), dict(MCQ, answer=None)))  # invalid sample
     a.merge(b)
     s = a.summary()
     assert s["reward/count"] == 4.0
-    assert s["reward/total"] == pytest.approx((2 + 1 + 2 + 0) / 4)
+    assert s["reward/total"] == pytest.approx((2 + 0 + 2 + 0) / 4)
     assert s["reward/parse_failures"] == 1.0
     assert s["reward/parse_fail_rate"] == 0.25
     assert s["reward/invalid_samples"] == 1.0
-    assert s["reward/tvg/total"] == 1.5 and s["reward/tvg/iou"] == 0.5 and s["reward/tvg/format"] == 1.0
+    assert s["reward/tvg/total"] == 1.0 and s["reward/tvg/iou"] == 0.5 and s["reward/tvg/format"] == 0.5
     assert s["reward/tvg/parse_fail_rate"] == 0.5
     assert s["reward/mcq/choice"] == 0.5 and s["reward/mcq/parse_failures"] == 0.0
     assert a.errors == {"no time span in the answer": 1, "invalid sample": 1}
     a.reset()
     assert a.summary()["reward/count"] == 0.0
+
+
+def test_malformed_answers_get_no_format_reward_so_grpo_prefers_a_readable_one():
+    # Regression (issue 19): the demo's GRPO turned "1.1 to 6.1" into "1.1.1.1". In its groups no
+    # tvg sample had a readable span, so the template was the only reward that varied, and a
+    # template around an unreadable answer was rewarded as well-formed: GRPO reinforced it.
+    from megavrl.rl.advantages import group_advantages
+
+    group = [wrap("1.1.1.1"), wrap("1.1 to 6.1"), "It happens from 1.1 to 6.1", wrap("1.1.1.1")]
+    rewards = [score("tvg", r, TVG).total for r in group]  # TVG is [10, 20]: the readable span has IoU 0
+    assert rewards == [0.0, 1.0, 0.0, 0.0]
+    advantages = group_advantages([rewards])[0][0].tolist()
+    assert advantages[1] > 0 and all(a < 0 for i, a in enumerate(advantages) if i != 1)
+    # All malformed: no reward varies, so nothing is reinforced.
+    assert [score("tvg", r, TVG).total for r in (wrap("1.1.1.1"), wrap("2.1.1"))] == [0.0, 0.0]
+    old = [score("tvg", r, TVG, RewardConfig(format_needs_answer=False)).total for r in group]
+    assert old == [1.0, 1.0, 0.0, 1.0]  # before: the malformed answers tied with the readable one
