@@ -255,7 +255,7 @@ def test_bugs_keep_their_traceback(monkeypatch, capsys):
     import errno
 
     from megavrl.cli import main
-    from megavrl.models.qwen2_5_vl import commands
+    from megavrl.commands import model as commands
 
     def broken(args):
         raise RuntimeError("a bug")

@@ -24,40 +24,23 @@ def run_eval(engine, cfg, builder, out_dir: str | Path, batch_size: int = 64) ->
     Writes predictions.jsonl, metrics.json and metrics.md into ``out_dir``. Rows whose video
     cannot be decoded are skipped and counted by the dataset (reported in its summary line).
     """
-    from tqdm import tqdm
-
     from megavrl.data.datasets import VideoTaskDataset
     from megavrl.eval.metrics import flatten_metrics
     from megavrl.eval.predictions import evaluate_predictions, prediction_record
     from megavrl.eval.report import write_report
-    from megavrl.rl.experience import rollout_prompt
+    from megavrl.rollout.batched import rollout_batches
 
     t0 = time.perf_counter()
     dataset = VideoTaskDataset(cfg.data, builder=builder, split="val", epochs=1)
     limit = cfg.eval.max_samples
     total = len(dataset) if limit is None else min(limit, len(dataset))
-    max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
-    records, batch = [], []
-    bar = tqdm(total=total, desc="eval", unit="row", mininterval=2.0)
-
-    def flush():
-        groups = engine.generate([rollout_prompt(p, i) for i, p in enumerate(batch)], n=1,
-                                 temperature=cfg.eval.temperature, max_new_tokens=max_new)
+    records = []
+    for batch, groups in rollout_batches(engine, dataset, total=total, desc="eval", batch_size=batch_size, n=1,
+                                         temperature=cfg.eval.temperature,
+                                         max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens):
         for p, g in zip(batch, groups):
             records.append(prediction_record(p.sample, g.samples[0].text if g.samples else "",
                                              benchmark=benchmark_name(p.sample)))
-        bar.update(len(batch))
-        batch.clear()
-
-    for prepared in dataset:
-        batch.append(prepared)
-        if len(batch) == batch_size or len(records) + len(batch) == total:
-            flush()
-        if len(records) >= total:
-            break
-    if batch:
-        flush()
-    bar.close()
     scored, metrics = evaluate_predictions(records, cfg.reward)
     paths = write_report(out_dir, scored, metrics)
     flat = flatten_metrics(metrics, prefix="")

@@ -208,6 +208,23 @@ class MegatronActor:
 
         return export_hf_weights(self.model, self.configs.mapping_context(), ranks="rank0", dtype=dtype)
 
+    def sync_weights_into(self, engine, rpc_guard=None):
+        """Stream the weights into a rollout engine: the weight sync after every update (the trainer,
+        ``megavrl check-sync``). Every rank calls it, with the engine on the rank that holds one and
+        None elsewhere; returns the engine's SyncStats there, None elsewhere. If the engine fails,
+        the stream is still exhausted, so the other ranks finish the export's collectives."""
+        stream = self.export_hf_ranks0()
+        if engine is None:
+            for _ in stream:  # drive the PP broadcasts and TP gathers
+                pass
+            return None
+        try:
+            return engine.update_weights(stream, rpc_guard=rpc_guard)
+        except BaseException:
+            for _ in stream:
+                pass
+            raise
+
 
 def all_ranks_agree(flag: bool) -> bool:
     """True on every rank when ``flag`` is True on every rank (a MIN all-reduce over the world)."""

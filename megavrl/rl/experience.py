@@ -1,9 +1,9 @@
 """From prepared prompts and rollouts to training sequences (pure functions, no engine, no model).
 
-The GRPO step: ``rollout_prompt`` hands each :class:`PreparedPrompt` to the vLLM engine,
-``score_groups`` rewards every response, ``group_advantages`` (megavrl.rl) turns rewards into
-advantages, and ``grpo_sequences`` pairs each response with the exact prompt tokens and pixels
-the trainer must re-score. SFT uses ``sft_sequences`` with :func:`reference_response`.
+The GRPO step: :func:`megavrl.rollout.inputs.rollout_prompt` hands each :class:`PreparedPrompt`
+to the rollout engine, ``score_groups`` rewards every response, ``group_advantages`` (megavrl.rl)
+turns rewards into advantages, and ``grpo_sequences`` pairs each response with the exact prompt
+tokens and pixels the trainer must re-score. SFT uses ``sft_sequences`` with :func:`reference_response`.
 """
 from __future__ import annotations
 
@@ -15,17 +15,6 @@ from megavrl.log import get_logger
 from megavrl.rl.batch import TrainSequence
 
 log = get_logger(__name__)
-
-
-def rollout_prompt(prepared, index: int | None = None):
-    """The rollout engine's input for one prepared prompt: the same frames, one video placeholder."""
-    from megavrl.data.prompt import vllm_inputs
-    from megavrl.rollout.inputs import RolloutPrompt
-
-    vin = vllm_inputs(prepared)
-    return RolloutPrompt(prompt_token_ids=vin["prompt_token_ids"], videos=vin["multi_modal_data"]["video"],
-                         mm_processor_kwargs=vin["mm_processor_kwargs"],
-                         meta={"id": prepared.sample.id, "index": index})
 
 
 def prompt_positions(prepared) -> dict:
@@ -54,6 +43,60 @@ def score_groups(groups, prepared: list, reward_config) -> list[list]:
 
     return [[score(p.sample.task, s.text, ground_truth(p.sample), reward_config) for s in g.samples]
             for g, p in zip(groups, prepared)]
+
+
+def sample(engine, prepared: list, seed: int) -> list:
+    """Roll out every prepared prompt (``rollout.n`` responses each): one RolloutGroup per prompt."""
+    from megavrl.rollout.inputs import rollout_prompt
+
+    return engine.generate([rollout_prompt(p, i) for i, p in enumerate(prepared)], seed=seed)
+
+
+def reward_metrics(prepared: list, rewards: list[list]) -> dict:
+    """``reward/*`` of a step: means, standard deviations and parse failures, overall and per task."""
+    from megavrl.rewards import RewardStats
+
+    stats = RewardStats()
+    for p, rs in zip(prepared, rewards):
+        stats.add_many([p.sample.task] * len(rs), rs)
+    return stats.summary(prefix="reward/")
+
+
+def keep_informative(groups: list, prepared: list, rewards: list[list], n_prompts: int,
+                     max_refills: int | None) -> tuple[list[tuple], dict]:
+    """The step's ``(group, prepared, rewards)`` triples. With ``max_refills`` (the zero-variance
+    filter on), groups whose n rewards are all equal are dropped and replaced from the spare
+    prompts beyond ``n_prompts``, at most ``max_refills`` of them; without it the spares are unused."""
+    from megavrl.rl.selection import ZeroVarianceFilter
+
+    triples = list(zip(groups, prepared, rewards))
+    if max_refills is None:
+        return triples[:n_prompts], {}
+    zf = ZeroVarianceFilter(max_refills=max_refills, rewards_of=lambda t: t[2])
+    zf.push(triples[n_prompts:])
+    kept = zf.filter(triples[:n_prompts])
+    return list(kept.groups), {"filter/dropped_groups": kept.num_dropped, "filter/refilled_groups": kept.num_refilled,
+                               "filter/kept_groups": len(kept.groups)}
+
+
+def advantages_of(rewards: list[list], advantage_kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """Group advantages [num_prompts, n] of the rewards' totals, and ``advantage/*`` metrics."""
+    from megavrl.rl.advantages import group_advantages
+
+    totals = torch.tensor([[r.total for r in rs] for rs in rewards], dtype=torch.float32)
+    adv, zero_var = group_advantages(totals, **advantage_kwargs)
+    return adv, {"advantage/mean": float(adv.mean()), "advantage/abs_mean": float(adv.abs().mean()),
+                 "advantage/zero_variance_groups": int(zero_var.sum()),
+                 "reward/group_std": float(totals.std(dim=1, unbiased=False).mean())}
+
+
+def length_metrics(groups: list, prepared: list) -> dict:
+    """``response_len/*`` (sampled tokens, truncation at max_new_tokens) and ``prompt_len/mean``."""
+    lengths = torch.tensor([len(s) for g in groups for s in g.samples], dtype=torch.float32)
+    truncated = sum(s.finish_reason == "length" for g in groups for s in g.samples)
+    return {"response_len/mean": float(lengths.mean()), "response_len/max": float(lengths.max()),
+            "response_len/truncated_fraction": truncated / max(1, len(lengths)),
+            "prompt_len/mean": sum(p.num_tokens for p in prepared) / len(prepared)}
 
 
 @dataclass

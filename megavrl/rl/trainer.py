@@ -12,7 +12,6 @@ vLLM (PP broadcast + TP gather into full HF tensors, bucketed). One step:
 """
 from __future__ import annotations
 
-import math
 import os
 import resource
 import time
@@ -22,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from megavrl.config import Config, dump_yaml, to_dict
+from megavrl.config_base import dump_yaml, to_dict
 from megavrl.log import get_logger
 from megavrl.parallel.collectives import broadcast_object, global_rank
-from megavrl.rl.batch import TrainSequence, collate, padded_length, split_micro_batches
+from megavrl.rl.batch import TrainSequence, collate_micro_batches, padded_length, shard_for_data_parallel
 
 log = get_logger(__name__)
 
@@ -70,30 +69,6 @@ class PhaseTimer:
         return {f"time/{k}": v for k, v in self.seconds.items()}
 
 
-def shard_for_data_parallel(sequences: list[TrainSequence], dp_rank: int, dp: int, micro_batch_size: int,
-                            pad_id: int) -> list[list[TrainSequence]]:
-    """This DP rank's micro-batches: sequences dealt round-robin, every micro-batch exactly
-    ``micro_batch_size`` long (padding sequences, which carry no loss, fill the gaps), and the same
-    number of micro-batches on every rank."""
-    per_rank = math.ceil(len(sequences) / dp)
-    n_micro = max(1, math.ceil(per_rank / micro_batch_size))
-    mine = sequences[dp_rank::dp]
-    filler = TrainSequence(input_ids=[pad_id, pad_id], prompt_len=1, info={"padding": True})
-    mine = mine + [filler] * (n_micro * micro_batch_size - len(mine))
-    return split_micro_batches(mine, micro_batch_size)
-
-
-def _collate_all(micro: list[list[TrainSequence]], pad_id: int, seq_len: int) -> list[dict]:
-    batches = []
-    for seqs in micro:
-        batch = collate(seqs, pad_id, seq_len)
-        for i, s in enumerate(seqs):
-            if s.info.get("padding"):
-                batch["loss_mask"][i] = 0.0
-        batches.append(batch)
-    return batches
-
-
 class NonFiniteStop(RuntimeError):
     """The run stopped after trainer.max_consecutive_nonfinite skipped steps (a checkpoint was saved)."""
 
@@ -117,12 +92,12 @@ def _first_line(e: BaseException) -> str:
 
 
 class Trainer:
-    """One training run. ``engine``: an already started RolloutEngine to reuse (rank 0; tools and
+    """One training run of a :class:`megavrl.config.Config`. ``engine``: an already started RolloutEngine to reuse (rank 0; tools and
     tests running several trainings in one process); its weights are replaced by the actor's."""
 
-    def __init__(self, cfg: Config, engine=None):
+    def __init__(self, cfg, engine=None):
         from megavrl.checkpoint.manager import CheckpointManager
-        from megavrl.config import validate
+        from megavrl.parallel.config import validate_parallel
         from megavrl.parallel.distributed import init_distributed
         from megavrl.rl.actor import MegatronActor
         from megavrl.run_metrics import MetricsWriter
@@ -130,8 +105,13 @@ class Trainer:
         self.cfg = cfg
         backend = None if cfg.parallel.backend == "auto" else cfg.parallel.backend
         self.layout = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.trainer.seed, backend=backend)
-        validate(cfg, world_size=self.layout.world_size)
+        validate_parallel(cfg.parallel, world_size=self.layout.world_size)  # the rest: once, by the command
         self.grpo = cfg.algorithm.name == "grpo"
+        # The recipe, chosen once: GRPO samples, scores and trains on its own responses; SFT trains on
+        # the reference answers and needs the engine only to evaluate.
+        self._experience_of_step = self._grpo_experience if self.grpo else self._sft_experience
+        self._loss_fn = self._grpo_loss if self.grpo else self._sft_loss
+        self.needs_engine = self.grpo or bool(cfg.data.val)
         out = Path(cfg.trainer.output_dir)
         self.output_dir = out
         self.ckpt_dir = Path(cfg.checkpoint.dir or out / "checkpoints")
@@ -202,7 +182,7 @@ class Trainer:
         self.dataset = VideoTaskDataset(cfg.data, builder=self.builder, split="train")
         self.dataset.check_usable()  # before the engine starts: bad data fails in seconds
         self.data_iter = iter(self.dataset)
-        if (self.grpo or cfg.data.val) and self.engine is None:
+        if self.needs_engine and self.engine is None:
             from megavrl.rollout.engine import RolloutEngine
             from megavrl.rollout.shm import remove_stale_shm
 
@@ -437,70 +417,39 @@ class Trainer:
         return items
 
     def _experience(self) -> tuple[list[TrainSequence], dict]:
+        sequences, metrics = self._experience_of_step()
+        metrics["data/skipped"] = self.dataset.skips.total
+        return sequences, metrics
+
+    def _sft_experience(self) -> tuple[list[TrainSequence], dict]:
         from megavrl.rl.experience import sft_sequences
 
-        cfg = self.cfg
-        if not self.grpo:
-            prepared = self._next_prompts(cfg.trainer.prompts_per_step)
-            seqs = sft_sequences(prepared, self.tokenizer)
-            return seqs, {"data/skipped": self.dataset.skips.total}
-        seqs, metrics = self._grpo_experience()
-        metrics["data/skipped"] = self.dataset.skips.total
-        return seqs, metrics
+        return sft_sequences(self._next_prompts(self.cfg.trainer.prompts_per_step), self.tokenizer), {}
 
     def _grpo_experience(self) -> tuple[list[TrainSequence], dict]:
-        from megavrl.rewards import RewardStats
-        from megavrl.rl import ZeroVarianceFilter, group_advantages
-        from megavrl.rl.experience import grpo_sequences, rollout_prompt, score_groups
+        """sample -> score -> keep informative groups -> advantages -> training sequences."""
+        from megavrl.rl.experience import (advantages_of, grpo_sequences, keep_informative, length_metrics,
+                                           reward_metrics, sample, score_groups)
+        from megavrl.rollout.batched import sampling_seed
 
         cfg = self.cfg
         n_prompts = cfg.trainer.prompts_per_step
-        extra = cfg.selection.max_refills if cfg.algorithm.filter_zero_variance else 0
-        prepared = self._next_prompts(n_prompts + extra)
-        groups = self.engine.generate([rollout_prompt(p, i) for i, p in enumerate(prepared)],
-                                      seed=cfg.trainer.seed * 1_000_003 + self.step)
+        refills = cfg.selection.max_refills if cfg.algorithm.filter_zero_variance else None
+        prepared = self._next_prompts(n_prompts + (refills or 0))
+        groups = sample(self.engine, prepared, seed=sampling_seed(cfg.trainer.seed, self.step))
         rewards = score_groups(groups, prepared, cfg.reward)
-        metrics: dict = {}
-        stats = RewardStats()
-        for p, rs in zip(prepared[:n_prompts], rewards[:n_prompts]):
-            stats.add_many([p.sample.task] * len(rs), rs)
-        metrics.update(stats.summary(prefix="reward/"))
-        by_task: dict[str, list[float]] = {}
-        for p, rs in zip(prepared[:n_prompts], rewards[:n_prompts]):
-            by_task.setdefault(p.sample.task, []).extend(r.total for r in rs)
-        every = [x for xs in by_task.values() for x in xs]
-        metrics["reward/std"] = float(torch.tensor(every).std(unbiased=False))
-        for task, xs in by_task.items():
-            metrics[f"reward/{task}/std"] = float(torch.tensor(xs).std(unbiased=False))
-
-        triples = list(zip(groups, prepared, rewards))
-        if cfg.algorithm.filter_zero_variance:
-            zf = ZeroVarianceFilter(max_refills=extra, rewards_of=lambda t: t[2])
-            zf.push(triples[n_prompts:])
-            kept = zf.filter(triples[:n_prompts])
-            triples = list(kept.groups)
-            metrics.update({"filter/dropped_groups": kept.num_dropped, "filter/refilled_groups": kept.num_refilled,
-                            "filter/kept_groups": len(triples)})
-        else:
-            triples = triples[:n_prompts]
-        if not triples:
+        metrics = reward_metrics(prepared[:n_prompts], rewards[:n_prompts])
+        kept, filter_metrics = keep_informative(groups, prepared, rewards, n_prompts, refills)
+        metrics.update(filter_metrics)
+        if not kept:
             log.warning("step %d: every group had zero reward variance: nothing to train on", self.step)
             return [], metrics
-        groups, prepared, rewards = (list(x) for x in zip(*triples))
-        totals = torch.tensor([[r.total for r in rs] for rs in rewards], dtype=torch.float32)
-        adv, zero_var = group_advantages(totals, **cfg.algorithm.advantage_kwargs())
+        groups, prepared, rewards = (list(x) for x in zip(*kept))
+        adv, adv_metrics = advantages_of(rewards, cfg.algorithm.advantage_kwargs())
         build = grpo_sequences(groups, prepared, adv, rewards)
-        lengths = torch.tensor([len(s) for g in groups for s in g.samples], dtype=torch.float32)
-        truncated = sum(s.finish_reason == "length" for g in groups for s in g.samples)
-        metrics.update({
-            "advantage/mean": float(adv.mean()), "advantage/abs_mean": float(adv.abs().mean()),
-            "advantage/zero_variance_groups": int(zero_var.sum()),
-            "reward/group_std": float(totals.std(dim=1, unbiased=False).mean()),
-            "response_len/mean": float(lengths.mean()), "response_len/max": float(lengths.max()),
-            "response_len/truncated_fraction": truncated / max(1, len(lengths)),
-            "prompt_len/mean": sum(p.num_tokens for p in prepared) / len(prepared),
-            "data/prompt_token_mismatch": build.mismatched_prompts,
-        })
+        metrics.update(adv_metrics)
+        metrics.update(length_metrics(groups, prepared))
+        metrics["data/prompt_token_mismatch"] = build.mismatched_prompts
         return build.sequences, metrics
 
     # ------------------------------------------------------------------ all ranks: update
@@ -514,8 +463,8 @@ class Trainer:
         mbs = cfg.trainer.micro_batch_size
         minis = [sequences[i::alg.mini_batches] for i in range(alg.mini_batches)]
         minis = [m for m in minis if m]
-        batches = [_collate_all(shard_for_data_parallel(m, dp_rank, dp, mbs, self.pad_id), self.pad_id, seq_len)
-                   for m in minis]
+        batches = [collate_micro_batches(shard_for_data_parallel(m, dp_rank, dp, mbs, self.pad_id), self.pad_id,
+                                         seq_len) for m in minis]
         need_old = self.grpo and (alg.ppo_epochs > 1 or len(minis) > 1)
         with timer("logprobs"):
             for mb_list in batches:
@@ -553,22 +502,20 @@ class Trainer:
             metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
         return metrics
 
-    def _loss_fn(self, mini: list[TrainSequence]):
-        """The loss of one mini-batch, with normalisers over the whole mini-batch (all DP ranks)."""
-        from megavrl.rl import policy_loss
+    def _sft_loss(self, mini: list[TrainSequence]):
+        """Cross-entropy of one mini-batch, normalised over its response tokens on all DP ranks."""
+        from megavrl.rl.policy_loss import sft_loss
+
+        num_tokens = sum(s.response_len for s in mini)
+        return lambda batch, logprobs, entropy: sft_loss(logprobs, batch["loss_mask"], num_tokens, entropy)
+
+    def _grpo_loss(self, mini: list[TrainSequence]):
+        """The policy loss of one mini-batch, with normalisers over the whole mini-batch (all DP ranks)."""
+        from megavrl.rl.policy_loss import policy_loss
 
         num_tokens = sum(s.response_len for s in mini)
         num_seqs = len(mini)
-        if not self.grpo:
-            def sft_loss(batch, logprobs, entropy):
-                mask = batch["loss_mask"]
-                nll = -(logprobs * mask).sum() / num_tokens
-                ent = (entropy.detach() * mask).sum() / num_tokens
-                return nll, {"loss": nll.item(), "entropy": ent.item(), "num_tokens": float(mask.sum())}
-            return sft_loss
-
-        alg = self.cfg.algorithm
-        kwargs = alg.loss_kwargs()
+        kwargs = self.cfg.algorithm.loss_kwargs()
         if self.ref is None:
             kwargs["kl_coef"] = 0.0
 
@@ -586,21 +533,12 @@ class Trainer:
         """Stream the actor's weights into the vLLM engine (all ranks take part). With ``preemption``,
         a stop signal ends rank 0's calls into the engine (which the signal may have killed) while
         the other ranks' collectives are still completed."""
-        if not (self.grpo or self.cfg.data.val):
+        if not self.needs_engine:
             return {}
-        stream = self.actor.export_hf_ranks0()
-        if global_rank() == 0 and self.engine is not None:
-            try:
-                stats = self.engine.update_weights(
-                    stream, rpc_guard=preemption.interruptible if preemption is not None else None)
-            except BaseException:
-                for _ in stream:  # the other ranks are inside the export's collectives: finish them
-                    pass
-                raise
-            return {"weight_sync/seconds": stats.seconds, "weight_sync/mb_per_s": stats.mb_per_s}
-        for _ in stream:  # drive the collectives
-            pass
-        return {}
+        stats = self.actor.sync_weights_into(
+            self.engine if global_rank() == 0 else None,
+            rpc_guard=preemption.interruptible if preemption is not None else None)
+        return {} if stats is None else {"weight_sync/seconds": stats.seconds, "weight_sync/mb_per_s": stats.mb_per_s}
 
     def save(self, rank_state: dict | None = None) -> Path:
         """Checkpoint the run at ``self.step``: model, optimizer, LR schedule, RNG streams, data

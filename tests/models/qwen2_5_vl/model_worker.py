@@ -69,7 +69,7 @@ def check_grads(hf_dir, preset, tp, pp, rank) -> None:
     from megavrl.checkpoint.hf_io import export_hf_weights
     from megavrl.checkpoint.mapping import to_published
     from megavrl.models.qwen2_5_vl.model import MODEL_INPUTS
-    from megavrl.models.qwen2_5_vl.parity import build_parity_batches
+    from megavrl.checks.parity import build_parity_batches
 
     batch = build_parity_batches(hf_dir, ("mixed",))["mixed"]
     model, configs = _build(hf_dir, tp, pp)
@@ -124,7 +124,7 @@ def check_freeze(hf_dir) -> None:
 
 
 def main(hf_dirs: list[str]) -> None:
-    from megavrl.models.qwen2_5_vl.parity import check_parity
+    from megavrl.checks.parity import check_parity
     from megavrl.parallel import destroy_distributed
 
     torch.set_num_threads(1)

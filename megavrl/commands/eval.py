@@ -1,4 +1,4 @@
-"""CLI: ``megavrl eval`` and ``megavrl select`` (variance-aware data selection).
+"""CLI: ``megavrl eval`` (:mod:`megavrl.eval.runner`) and ``megavrl select`` (:mod:`megavrl.rl.select`).
 
 Both run the vLLM engine in one process (no Megatron) on a Hugging Face directory, the config's
 ``model.hf_dir``; give a Megatron checkpoint with ``model.megatron_ckpt`` and it is converted to a
@@ -88,76 +88,11 @@ def _eval(args) -> int:
 
 
 def _select(args) -> int:
-    from tqdm import tqdm
-
-    from megavrl.data.datasets import VideoTaskDataset
-    from megavrl.rl import select_by_reward_variance
-    from megavrl.rl.experience import rollout_prompt, score_groups
+    from megavrl.rl.select import run_selection
 
     cfg, hf_dir, builder = _setup(args)
     out = Path(args.out or Path(cfg.trainer.output_dir) / "select")
-    out.mkdir(parents=True, exist_ok=True)
-    k = cfg.selection.k
-    dataset = VideoTaskDataset(cfg.data, builder=builder, split="train", epochs=1, drop_last=False)
-    rows, table, batch = [], {}, []
-    bar = tqdm(total=len(dataset), desc=f"select: {k} rollouts per row", unit="row", mininterval=2.0)
     with _engine(cfg, hf_dir) as engine:
-        def flush():
-            groups = engine.generate([rollout_prompt(p, i) for i, p in enumerate(batch)], n=k,
-                                     seed=cfg.selection.seed * 1_000_003 + len(rows))
-            for p, rewards in zip(batch, score_groups(groups, batch, cfg.reward)):
-                row = {**p.sample.to_row(), "video": os.path.abspath(p.sample.video_path)}
-                rows.append(row)
-                table[row["id"]] = rewards
-            bar.update(len(batch))
-            batch.clear()
-
-        for prepared in dataset:
-            batch.append(prepared)
-            if len(batch) == 32:
-                flush()
-        if batch:
-            flush()
-    bar.close()
-    result = select_by_reward_variance(rows, table, **cfg.selection.select_kwargs())
-    write_selection(out, result)
-    log.info("selected %d of %d rows (%d dropped with all-equal rewards) -> %s", result.summary["n_selected"],
-             len(rows), result.summary.get("n_all_same_dropped", 0), out / "selected.jsonl")
+        result = run_selection(engine, cfg, builder, out)
     print(json.dumps({k: v for k, v in result.summary.items() if not isinstance(v, dict)}))
     return 0
-
-
-def write_selection(out: Path, result) -> None:
-    """selected.jsonl, data.yaml, stats.jsonl, summary.json and variance_hist.png."""
-    from dataclasses import asdict
-
-    (out / "selected.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.selected))
-    # A config layer: `--config base.yaml --config DIR/data.yaml` trains on the selection.
-    (out / "data.yaml").write_text("data:\n  train:\n    - {json_path: %s, data_folder: /, format: megavrl, "
-                                   "name: selected}\n" % (out / "selected.jsonl").resolve())
-    (out / "stats.jsonl").write_text("".join(json.dumps(asdict(s), default=str) + "\n" for s in result.stats))
-    (out / "summary.json").write_text(json.dumps(result.summary, indent=2, default=str) + "\n")
-    plot_variance_histogram(result.stats, out / "variance_hist.png")
-
-
-def plot_variance_histogram(stats, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    by_task: dict[str, list[float]] = {}
-    for s in stats:
-        by_task.setdefault(s.task or "?", []).append(s.var)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    top = max([v for vs in by_task.values() for v in vs] + [1e-6])
-    bins = [top * i / 20 for i in range(21)]
-    for task, values in sorted(by_task.items()):
-        ax.hist(values, bins=bins, alpha=0.6, label=f"{task} (n={len(values)})")
-    ax.set_xlabel("reward variance over k rollouts")
-    ax.set_ylabel("rows")
-    ax.set_title("Reward variance by task")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
