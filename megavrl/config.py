@@ -261,10 +261,10 @@ def validate(cfg: Config, world_size: int | None = None, check_paths: bool = Tru
         if model_type != "qwen2_5_vl":
             raise ConfigError(f"model.hf_dir={cfg.model.hf_dir!r} holds a {model_type!r} model; "
                               f"megavrl trains Qwen2.5-VL (model_type 'qwen2_5_vl')")
-        from transformers import AutoConfig
+        from megavrl.models.qwen2_5_vl.config import load_hf_config
 
         try:
-            hf_config = AutoConfig.from_pretrained(hf_dir)
+            hf_config = load_hf_config(hf_dir)  # parsed once per process: the model's configs reuse it
         except Exception as e:  # transformers validates sizes on load
             raise ConfigError(f"model.hf_dir={cfg.model.hf_dir!r}: config.json is invalid: {_first_line(e)}") from None
         validate_model_against_parallel(hf_config, cfg.parallel.tp)

@@ -8,7 +8,8 @@ Exporting (:func:`export_hf_weights`): a generator of ``(hf_name, full tensor)``
 layout, one tensor at a time. The stage that owns a tensor all-gathers its TP shards, merges them
 with the table's rule (trimming vocab padding), and, when PP > 1, broadcasts the result to the
 other stages. All ranks must iterate it to the end (it runs collectives); with
-``ranks="rank0"`` only global rank 0 receives the tensors, the others drive the collectives and
+``ranks="rank0"`` only global rank 0 receives the tensors (``ranks="first"``: the first rank of
+every model replica, TP rank 0 and PP rank 0), the others drive the collectives and
 yield nothing. The same stream feeds the HF converter and the vLLM weight sync.
 """
 from __future__ import annotations
@@ -156,7 +157,9 @@ def export_hf_weights(model, ctx: MappingContext | None = None, ranks: str = "al
     """Yield ``(published HF name, full tensor)`` for every tensor of the model, one at a time.
 
     model: this rank's Qwen2_5_VLModel stage (any TP/PP; DP replicas export independently).
-    ranks: "all" -- every rank yields every tensor; "rank0" -- only global rank 0 yields, the
+    ranks: "all" -- every rank yields every tensor; "first" -- only each model replica's first rank
+        (TP rank 0, PP rank 0) yields, e.g. into that replica's rollout engine; "rank0" -- only
+        global rank 0 yields, the
         others drive the collectives and yield nothing. Every rank must exhaust the iterator.
     dtype: cast each tensor (e.g. torch.bfloat16 for vLLM); default the parameter dtype.
     of: "weights", or "grads" to stream the parameters' ``.grad`` in HF names instead (zeros
@@ -169,15 +172,20 @@ def export_hf_weights(model, ctx: MappingContext | None = None, ranks: str = "al
 
     if of not in ("weights", "grads"):
         raise ValueError(f"of must be 'weights' or 'grads', not {of!r}")
-    if ranks not in ("all", "rank0"):
-        raise ValueError(f"ranks must be 'all' or 'rank0', not {ranks!r}")
+    if ranks not in ("all", "first", "rank0"):
+        raise ValueError(f"ranks must be 'all', 'first' or 'rank0', not {ranks!r}")
     ctx = ctx or model.configs.mapping_context()
     distributed = dist.is_available() and dist.is_initialized() and ps.model_parallel_is_initialized()
     tp = ps.get_tensor_model_parallel_world_size() if distributed else 1
     pp = ps.get_pipeline_model_parallel_world_size() if distributed else 1
     if tp != ctx.tp_size:
         raise ValueError(f"MappingContext is for TP={ctx.tp_size} but the model runs at TP={tp}")
-    yields = ranks == "all" or not distributed or dist.get_rank() == 0
+    if ranks == "all" or not distributed:
+        yields = True
+    elif ranks == "first":
+        yields = ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+    else:
+        yields = dist.get_rank() == 0
 
     local = [(b, p) for b, p in _model_bindings(model, ctx.tie_word_embeddings)
              if not (ctx.tie_word_embeddings and b.megatron_name == TIED_OUTPUT_MEGATRON)]

@@ -47,27 +47,42 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _setup(args):
-    """Config, an HF directory to serve, and the prompt builder."""
+    """Config, an HF directory to serve, the prompt builder, and (shard, shards): this process's
+    share of the rows. With ``rollout.engines`` N > 1 the command runs as N processes (one engine
+    each), started here under torchrun; None is returned to the launcher, which returns the job's
+    exit code."""
     from megavrl.config import ConfigError, load_config, validate
     from megavrl.data.prompt import PromptBuilder
+    from megavrl.parallel.launch import cli_argv, ensure_launched
 
     cfg = load_config(args.config, args.overrides)
     cfg.parallel.tp = cfg.parallel.pp = 1  # vLLM only: Megatron's layout does not apply
     validate(cfg, world_size=1)
+    if args.command == "eval" and not cfg.data.val:
+        raise ConfigError("data.val is empty: list the datasets to evaluate under data.val")
+    if args.command == "select" and not cfg.data.train:
+        raise ConfigError("data.train is empty: list the datasets to select from under data.train")
+    engines = 1 if cfg.rollout.engines == "auto" else int(cfg.rollout.engines)
     hf_dir = cfg.model.hf_dir
-    if cfg.model.megatron_ckpt:
+    if cfg.model.megatron_ckpt:  # converted once, by the launcher when there is one
         from megavrl.checkpoint.convert import convert_megatron_to_hf
 
         hf_dir = tempfile.mkdtemp(prefix="megavrl-hf-")
         os.rmdir(hf_dir)
         convert_megatron_to_hf(cfg.model.megatron_ckpt, hf_dir, dtype="fp32")
         log.info("converted %s to %s for vLLM", cfg.model.megatron_ckpt, hf_dir)
-    if args.command == "eval" and not cfg.data.val:
-        raise ConfigError("data.val is empty: list the datasets to evaluate under data.val")
-    if args.command == "select" and not cfg.data.train:
-        raise ConfigError("data.train is empty: list the datasets to select from under data.train")
+        cfg.model.hf_dir, cfg.model.megatron_ckpt = hf_dir, None
+    code = ensure_launched(engines, cli_argv() + [f"model.hf_dir={hf_dir}", "model.megatron_ckpt=null"])
+    if code is not None:
+        return None, code
+    shard = 0
+    if engines > 1:
+        import torch
+
+        torch.distributed.init_process_group("gloo")
+        shard = torch.distributed.get_rank()
     builder = PromptBuilder.from_hf_dir(hf_dir, cfg.data.prompt)
-    return cfg, hf_dir, builder
+    return (cfg, hf_dir, builder, shard, engines), None
 
 
 def _engine(cfg, hf_dir):
@@ -76,23 +91,58 @@ def _engine(cfg, hf_dir):
     return RolloutEngine(hf_dir, cfg.rollout)
 
 
-def _eval(args) -> int:
-    from megavrl.eval.runner import run_eval
+def _gather(shard_result, engines: int) -> list:
+    """Every process's result, rank 0 first (one process: just this one's)."""
+    if engines == 1:
+        return [shard_result]
+    from megavrl.parallel.collectives import all_gather_object
 
-    cfg, hf_dir, builder = _setup(args)
+    return all_gather_object(shard_result)
+
+
+def _finish(engines: int) -> None:
+    if engines > 1:
+        import torch
+
+        torch.distributed.destroy_process_group()
+
+
+def _eval(args) -> int:
+    import time
+
+    from megavrl.eval.runner import predict, report
+    from megavrl.rl.placement import interleave
+
+    job, code = _setup(args)
+    if job is None:
+        return code
+    cfg, hf_dir, builder, shard, engines = job
     out = Path(args.out or cfg.eval.output_dir or Path(cfg.trainer.output_dir) / "eval")
+    t0 = time.perf_counter()
     with _engine(cfg, hf_dir) as engine:
-        metrics = run_eval(engine, cfg, builder, out)
-    print(json.dumps({k: v for k, v in metrics.items() if "/" not in k or k.startswith("overall")}))
+        records = predict(engine, cfg, builder, shard, engines)
+    shards = _gather(records, engines)
+    if shard == 0:
+        metrics = report(interleave(shards), cfg, out, seconds=time.perf_counter() - t0)
+        print(json.dumps({k: v for k, v in metrics.items() if "/" not in k or k.startswith("overall")}))
+    _finish(engines)
     return 0
 
 
 def _select(args) -> int:
-    from megavrl.rl.select import run_selection
+    from megavrl.rl.placement import interleave
+    from megavrl.rl.select import roll_out_rows, select_and_write
 
-    cfg, hf_dir, builder = _setup(args)
+    job, code = _setup(args)
+    if job is None:
+        return code
+    cfg, hf_dir, builder, shard, engines = job
     out = Path(args.out or Path(cfg.trainer.output_dir) / "select")
     with _engine(cfg, hf_dir) as engine:
-        result = run_selection(engine, cfg, builder, out)
-    print(json.dumps({k: v for k, v in result.summary.items() if not isinstance(v, dict)}))
+        rows, rewards = roll_out_rows(engine, cfg, builder, shard, engines)
+    shards = _gather((rows, rewards), engines)
+    if shard == 0:
+        result = select_and_write(interleave([r for r, _ in shards]), interleave([w for _, w in shards]), cfg, out)
+        print(json.dumps({k: v for k, v in result.summary.items() if not isinstance(v, dict)}))
+    _finish(engines)
     return 0

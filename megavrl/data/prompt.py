@@ -222,17 +222,18 @@ class PromptBuilder:
 
         tokenizer = AutoTokenizer.from_pretrained(hf_dir)
         _load_chat_template(tokenizer, hf_dir)
-        with open(os.path.join(hf_dir, "config.json")) as f:
-            cfg = json.load(f)
-        vision = cfg.get("vision_config", {}) or {}
-        video_id = cfg.get("video_token_id", tokenizer.convert_tokens_to_ids("<|video_pad|>"))
-        image_id = cfg.get("image_token_id", tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+        from megavrl.models.qwen2_5_vl.config import load_hf_config
+
+        hf = load_hf_config(hf_dir)  # parsed once per process, shared with the model's configs
+        vision = hf.vision_config
+        video_id = getattr(hf, "video_token_id", None) or tokenizer.convert_tokens_to_ids("<|video_pad|>")
+        image_id = getattr(hf, "image_token_id", None) or tokenizer.convert_tokens_to_ids("<|image_pad|>")
         spec = VisionSpec.from_hf_dir(hf_dir)
-        if vision.get("spatial_merge_size") not in (None, spec.merge_size):
-            raise ValueError(f"{hf_dir}: vision_config.spatial_merge_size={vision['spatial_merge_size']} differs "
+        if getattr(vision, "spatial_merge_size", None) not in (None, spec.merge_size):
+            raise ValueError(f"{hf_dir}: vision_config.spatial_merge_size={vision.spatial_merge_size} differs "
                              f"from the processor's merge_size={spec.merge_size}")
         return cls(tokenizer, config, spec, video_token_id=video_id, image_token_id=image_id,
-                   tokens_per_second=vision.get("tokens_per_second", 2))
+                   tokens_per_second=getattr(vision, "tokens_per_second", 2))
 
     # ------------------------------------------------------------------------------ text
 

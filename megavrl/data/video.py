@@ -351,20 +351,15 @@ class FrameSampling:
         p = prefix
         if self.nframes is None and not self.fps > 0:
             raise ValueError(f"{p}fps={self.fps} must be > 0 (or set {p}nframes)")
-        if self.min_frames < 1:
-            raise ValueError(f"{p}min_frames={self.min_frames} must be >= 1")
-        if self.max_frames < self.min_frames:
-            raise ValueError(f"{p}max_frames={self.max_frames} is below {p}min_frames={self.min_frames}: "
-                             f"raise {p}max_frames or lower {p}min_frames")
         if self.nframes is not None and self.nframes < 1:
             raise ValueError(f"{p}nframes={self.nframes} must be >= 1 (or None to sample by fps)")
-        if self.min_pixels < 1:
-            raise ValueError(f"{p}min_pixels={self.min_pixels} must be >= 1")
-        if self.max_pixels < self.min_pixels:
-            raise ValueError(f"{p}max_pixels={self.max_pixels} is below {p}min_pixels={self.min_pixels}: "
-                             f"raise {p}max_pixels or lower {p}min_pixels")
-        if self.total_pixels < 1:
-            raise ValueError(f"{p}total_pixels={self.total_pixels} must be >= 1")
+        for name in ("min_frames", "min_pixels", "total_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{p}{name}={getattr(self, name)} must be >= 1")
+        for low, high in (("min_frames", "max_frames"), ("min_pixels", "max_pixels")):
+            if getattr(self, high) < getattr(self, low):
+                raise ValueError(f"{p}{high}={getattr(self, high)} is below {p}{low}={getattr(self, low)}: "
+                                 f"raise {p}{high} or lower {p}{low}")
 
 
 @dataclass

@@ -202,16 +202,17 @@ class MegatronActor:
         load_megatron_weights(self.model, ckpt)
 
     def export_hf_ranks0(self, dtype: torch.dtype | None = None):
-        """Stream of (published HF name, full tensor) yielded on global rank 0 (weight sync, HF
-        export). Every rank must exhaust it: the others drive the PP broadcasts and TP gathers."""
+        """Stream of (published HF name, full tensor) yielded on the first rank of this model replica
+        (TP rank 0, PP rank 0; global rank 0 in the first replica), for the weight sync. Every rank of
+        the replica must exhaust it: the others drive the PP broadcasts and TP gathers."""
         from megavrl.checkpoint.hf_io import export_hf_weights
 
-        return export_hf_weights(self.model, self.configs.mapping_context(), ranks="rank0", dtype=dtype)
+        return export_hf_weights(self.model, self.configs.mapping_context(), ranks="first", dtype=dtype)
 
     def sync_weights_into(self, engine, rpc_guard=None):
         """Stream the weights into a rollout engine: the weight sync after every update (the trainer,
-        ``megavrl check-sync``). Every rank calls it, with the engine on the rank that holds one and
-        None elsewhere; returns the engine's SyncStats there, None elsewhere. If the engine fails,
+        ``megavrl check-sync``). Every rank of the replica calls it, with the engine on the replica's
+        first rank and None elsewhere; returns the engine's SyncStats there, None elsewhere. If the engine fails,
         the stream is still exhausted, so the other ranks finish the export's collectives."""
         stream = self.export_hf_ranks0()
         if engine is None:

@@ -144,12 +144,13 @@ def response_from_label_positions(values: torch.Tensor, sequences: list[TrainSeq
 
 
 def shard_for_data_parallel(sequences: list[TrainSequence], dp_rank: int, dp: int, micro_batch_size: int,
-                            pad_id: int) -> list[list[TrainSequence]]:
+                            pad_id: int, n_micro: int | None = None) -> list[list[TrainSequence]]:
     """This DP rank's micro-batches: sequences dealt round-robin, every micro-batch exactly
     ``micro_batch_size`` long (padding sequences, which carry no loss, fill the gaps), and the same
-    number of micro-batches on every rank."""
+    number of micro-batches on every rank: ``n_micro`` when given (ranks that shard different
+    sequence lists agree on it), else what the longest share needs."""
     per_rank = math.ceil(len(sequences) / dp)
-    n_micro = max(1, math.ceil(per_rank / micro_batch_size))
+    n_micro = n_micro or max(1, math.ceil(per_rank / micro_batch_size))
     mine = sequences[dp_rank::dp]
     filler = TrainSequence(input_ids=[pad_id, pad_id], prompt_len=1, info={"padding": True})
     mine = mine + [filler] * (n_micro * micro_batch_size - len(mine))

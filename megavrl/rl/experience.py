@@ -7,7 +7,7 @@ tokens and pixels the trainer must re-score. SFT uses ``sft_sequences`` with :fu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -45,21 +45,12 @@ def score_groups(groups, prepared: list, reward_config) -> list[list]:
             for g, p in zip(groups, prepared)]
 
 
-def sample(engine, prepared: list, seed: int) -> list:
-    """Roll out every prepared prompt (``rollout.n`` responses each): one RolloutGroup per prompt."""
+def sample(engine, prepared: list, seeds: list[int]) -> list:
+    """Roll out every prepared prompt (``rollout.n`` responses each) with its own sampling seed:
+    one RolloutGroup per prompt."""
     from megavrl.rollout.inputs import rollout_prompt
 
-    return engine.generate([rollout_prompt(p, i) for i, p in enumerate(prepared)], seed=seed)
-
-
-def reward_metrics(prepared: list, rewards: list[list]) -> dict:
-    """``reward/*`` of a step: means, standard deviations and parse failures, overall and per task."""
-    from megavrl.rewards import RewardStats
-
-    stats = RewardStats()
-    for p, rs in zip(prepared, rewards):
-        stats.add_many([p.sample.task] * len(rs), rs)
-    return stats.summary(prefix="reward/")
+    return engine.generate([rollout_prompt(p, i) for i, p in enumerate(prepared)], seed=seeds)
 
 
 def keep_informative(groups: list, prepared: list, rewards: list[list], n_prompts: int,
@@ -79,24 +70,66 @@ def keep_informative(groups: list, prepared: list, rewards: list[list], n_prompt
                                "filter/kept_groups": len(kept.groups)}
 
 
-def advantages_of(rewards: list[list], advantage_kwargs: dict) -> tuple[torch.Tensor, dict]:
-    """Group advantages [num_prompts, n] of the rewards' totals, and ``advantage/*`` metrics."""
-    from megavrl.rl.advantages import group_advantages
+@dataclass
+class EngineShare:
+    """What one engine's share of a step adds to the step's metrics: picklable, no pixels. The
+    shares of all engines, put back in the step's order, give the metrics one engine would give."""
 
-    totals = torch.tensor([[r.total for r in rs] for rs in rewards], dtype=torch.float32)
-    adv, zero_var = group_advantages(totals, **advantage_kwargs)
-    return adv, {"advantage/mean": float(adv.mean()), "advantage/abs_mean": float(adv.abs().mean()),
-                 "advantage/zero_variance_groups": int(zero_var.sum()),
-                 "reward/group_std": float(totals.std(dim=1, unbiased=False).mean())}
+    tasks: list = field(default_factory=list)
+    """Task of each scored prompt (the engine's share of ``prompts_per_step``, spares excluded)."""
+    rewards: list = field(default_factory=list)
+    """RewardResults of those prompts' responses: [prompt][n]."""
+    filter_counts: dict = field(default_factory=dict)
+    kept_totals: list = field(default_factory=list)
+    """Reward totals of the groups kept for training: [group][n]."""
+    response_lengths: list = field(default_factory=list)
+    """Per kept group: the sampled responses' lengths in tokens."""
+    truncated: list = field(default_factory=list)
+    """Per kept group: how many responses stopped at max_new_tokens."""
+    prompt_lengths: list = field(default_factory=list)
+    """Per kept group: prompt tokens."""
+    mismatched_prompts: int = 0
+    skipped_rows: int = 0
+    """Rows this engine's data shard has skipped so far (bad videos, malformed rows)."""
+    train_tokens: int = 0
+    """Tokens of the training sequences built from this share."""
 
 
-def length_metrics(groups: list, prepared: list) -> dict:
-    """``response_len/*`` (sampled tokens, truncation at max_new_tokens) and ``prompt_len/mean``."""
-    lengths = torch.tensor([len(s) for g in groups for s in g.samples], dtype=torch.float32)
-    truncated = sum(s.finish_reason == "length" for g in groups for s in g.samples)
-    return {"response_len/mean": float(lengths.mean()), "response_len/max": float(lengths.max()),
-            "response_len/truncated_fraction": truncated / max(1, len(lengths)),
-            "prompt_len/mean": sum(p.num_tokens for p in prepared) / len(prepared)}
+def share_metrics(shares: list[EngineShare], advantage_kwargs: dict | None) -> dict:
+    """The step's experience metrics from every engine's share (in engine order); the GRPO
+    metrics only with ``advantage_kwargs`` (None: SFT)."""
+    from megavrl.rl.placement import interleave
+
+    metrics: dict = {"data/skipped": sum(s.skipped_rows for s in shares)}
+    if advantage_kwargs is None:
+        return metrics
+    tasks, rewards = interleave([s.tasks for s in shares]), interleave([s.rewards for s in shares])
+    from megavrl.rewards import RewardStats
+
+    stats = RewardStats()
+    for task, rs in zip(tasks, rewards):
+        stats.add_many([task] * len(rs), rs)
+    metrics.update(stats.summary(prefix="reward/"))
+    for key in sorted({k for s in shares for k in s.filter_counts}):
+        metrics[key] = sum(s.filter_counts.get(key, 0) for s in shares)
+    kept = interleave([s.kept_totals for s in shares])
+    if kept:
+        from megavrl.rl.advantages import group_advantages
+
+        totals = torch.tensor(kept, dtype=torch.float32)
+        adv, zero_var = group_advantages(totals, **advantage_kwargs)
+        lengths = torch.tensor([x for g in interleave([s.response_lengths for s in shares]) for x in g],
+                               dtype=torch.float32)
+        prompt_lengths = interleave([s.prompt_lengths for s in shares])
+        metrics.update({
+            "advantage/mean": float(adv.mean()), "advantage/abs_mean": float(adv.abs().mean()),
+            "advantage/zero_variance_groups": int(zero_var.sum()),
+            "reward/group_std": float(totals.std(dim=1, unbiased=False).mean()),
+            "response_len/mean": float(lengths.mean()), "response_len/max": float(lengths.max()),
+            "response_len/truncated_fraction": sum(sum(s.truncated) for s in shares) / max(1, len(lengths)),
+            "prompt_len/mean": sum(prompt_lengths) / len(prompt_lengths)})
+    metrics["data/prompt_token_mismatch"] = sum(s.mismatched_prompts for s in shares)
+    return metrics
 
 
 @dataclass

@@ -1,13 +1,14 @@
 """Roll out a whole dataset in engine-sized batches: the loop ``megavrl eval`` and ``megavrl select`` share.
 
 The engine samples a batch of prompts in one ``generate`` call (vLLM schedules them together); a
-dataset larger than a batch is fed in consecutive batches, with a progress bar, and each batch's
-sampling seed derived from the base seed and the number of rows before it (:func:`sampling_seed`),
-so the responses do not depend on how long the run took or where it was resumed.
+dataset larger than a batch is fed in consecutive batches, with a progress bar, and each row's
+sampling seed derived from the base seed and the row's place in the data order
+(:func:`sampling_seed`), so the responses depend neither on the batching nor on how the rows are
+split over engines.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from megavrl.rollout.inputs import rollout_prompt
 
@@ -19,11 +20,14 @@ def sampling_seed(seed: int, index: int) -> int:
 
 
 def rollout_batches(engine, prepared: Iterable, *, total: int, desc: str, batch_size: int = 32,
-                    seed: int | None = None, **generate_kwargs) -> Iterator[tuple[list, list]]:
+                    seed: int | None = None, index_of: Callable[[int], int] = lambda j: j,
+                    **generate_kwargs) -> Iterator[tuple[list, list]]:
     """Yield ``(prepared_batch, groups)`` for the first ``total`` prepared prompts of ``prepared``.
 
-    ``generate_kwargs`` go to ``engine.generate`` (n, temperature, max_new_tokens ...); with ``seed``,
-    each batch is sampled with ``sampling_seed(seed, rows before it)``.
+    ``generate_kwargs`` go to ``engine.generate`` (n, temperature, max_new_tokens ...). With
+    ``seed``, the j-th prompt (0-based) samples with ``sampling_seed(seed, index_of(j))``:
+    ``index_of`` maps it to its row in the whole data order when ``prepared`` is one shard of it,
+    so that every row samples alike whatever the sharding.
     """
     from tqdm import tqdm
 
@@ -34,7 +38,7 @@ def rollout_batches(engine, prepared: Iterable, *, total: int, desc: str, batch_
             nonlocal done
             kwargs = dict(generate_kwargs)
             if seed is not None:
-                kwargs["seed"] = sampling_seed(seed, done)
+                kwargs["seed"] = [sampling_seed(seed, index_of(done + i)) for i in range(len(batch))]
             groups = engine.generate([rollout_prompt(p, i) for i, p in enumerate(batch)], **kwargs)
             out = (list(batch), groups)
             done += len(batch)

@@ -13,7 +13,10 @@ class RolloutConfig:
     ``logprobs`` returns the log-probability of every sampled token; with the default
     ``logprobs_mode="raw_logprobs"`` it is log_softmax of the raw logits, i.e. temperature 1.0
     and before top-p/top-k, which is what the trainer recomputes.
-    Engine: ``tensor_parallel_size`` is vLLM's own, independent of Megatron's.
+    Engines: ``engines`` rollout engines in the training job: "auto" (one per data-parallel replica)
+    or a number that divides the data-parallel size ("1": one engine on global rank 0); see
+    :mod:`megavrl.rl.placement`. ``megavrl eval`` / ``select`` start that many engine processes
+    ("auto": one). ``tensor_parallel_size`` is vLLM's own, independent of Megatron's.
     ``gpu_memory_utilization`` is the GPU memory fraction vLLM may take (weights + KV cache).
     ``kv_cache_memory_mb`` sizes the KV cache explicitly; on CPU it defaults to
     ``cpu_kv_cache_mb``, because there vLLM reads ``gpu_memory_utilization`` as a fraction of all
@@ -43,6 +46,7 @@ class RolloutConfig:
     stop_token_ids: tuple[int, ...] = ()
     seed: int = 0
     # engine
+    engines: str = "auto"
     dtype: str = "auto"
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.5
@@ -68,6 +72,9 @@ class RolloutConfig:
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to vllm.LLM as they are
 
     def __post_init__(self) -> None:
+        self.engines = str(self.engines).strip().lower()
+        if self.engines != "auto" and not (self.engines.isdigit() and int(self.engines) >= 1):
+            raise ValueError(f"rollout.engines={self.engines!r} must be 'auto' or a positive number of engines")
         if self.n < 1:
             raise ValueError(f"n={self.n}: need at least one response per prompt")
         if self.max_new_tokens < 1:

@@ -151,7 +151,8 @@ class RolloutEngine:
                               ignore_eos=c.ignore_eos, stop=list(c.stop) or None,
                               stop_token_ids=list(c.stop_token_ids) or None, seed=seed)
 
-    def generate(self, prompts: Sequence[RolloutPrompt | str | Mapping[str, Any]], *, seed: int | None = None,
+    def generate(self, prompts: Sequence[RolloutPrompt | str | Mapping[str, Any]], *,
+                 seed: int | Sequence[int] | None = None,
                  use_tqdm: bool = False, **overrides) -> list[RolloutGroup]:
         """Sample ``n`` responses for every prompt in one vLLM call; one ``RolloutGroup`` per prompt.
 
@@ -163,8 +164,10 @@ class RolloutEngine:
             max_new_tokens, ignore_eos, stop, stop_token_ids, logprobs), e.g. greedy evaluation
             with ``n=1, temperature=0``.
         seed: makes this call reproducible on its own: prompt i samples with seed ``seed + i`` (so
-            two copies of a prompt still get different responses). None: the engine's generator,
-            reproducible only for the same sequence of calls since start-up.
+            two copies of a prompt still get different responses), or with ``seed[i]`` given one
+            seed per prompt (a prompt then samples the same whatever else is in the call, up to
+            the numerics of batching). None: the engine's generator, reproducible only for the
+            same sequence of calls since start-up.
         """
         if self.asleep and self.sleep_supported:
             raise RuntimeError("the rollout engine is asleep: call wake_up() before generate()")
@@ -177,7 +180,10 @@ class RolloutEngine:
         if seed is None:
             params = self.sampling_params(**overrides)
         else:
-            params = [self.sampling_params(seed=seed + i, **overrides) for i in range(len(items))]
+            seeds = [seed + i for i in range(len(items))] if isinstance(seed, int) else [int(x) for x in seed]
+            if len(seeds) != len(items):
+                raise ValueError(f"{len(seeds)} seeds for {len(items)} prompts")
+            params = [self.sampling_params(seed=s, **overrides) for s in seeds]
         outputs = self.llm.generate(vllm_prompts, params, use_tqdm=use_tqdm)
         with_logprobs = (params if seed is None else params[0]).logprobs is not None
         return [group_from_request_output(out, i, item, with_logprobs)

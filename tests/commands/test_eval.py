@@ -76,3 +76,26 @@ def test_select_drops_rows_whose_rewards_are_all_the_same(run_config):
     layered = load_config([path, out / "data.yaml"])  # the selection is a config layer
     assert layered.data.train[0].json_path == str((out / "selected.jsonl").resolve())
     assert selected[0]["video"].startswith("/")
+
+
+def test_eval_with_two_engines_writes_what_one_engine_writes(run_config):
+    """rollout.engines=2: two processes (one engine each, torchrun started by the command) decode
+    half of the rows each; the merged predictions are the one-engine run's, in the same order."""
+    import subprocess
+    import sys
+
+    path, root = run_config
+    out = root / "eval2"
+    proc = subprocess.run([sys.executable, "-m", "megavrl.cli", "eval", "--config", str(path), "--out", str(out),
+                           "rollout.engines=2"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    if not (root / "eval" / "predictions.jsonl").is_file():  # run alone: make the one-engine reference
+        from megavrl.cli import main
+
+        assert main(["eval", "--config", str(path), "--out", str(root / "eval")]) == 0
+    one = (root / "eval" / "predictions.jsonl").read_text().splitlines()
+    two = (out / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(x)["id"] for x in two] == [json.loads(x)["id"] for x in one]
+    assert two == one
+    assert json.loads((out / "metrics.json").read_text())["benchmarks"] == \
+        json.loads((root / "eval" / "metrics.json").read_text())["benchmarks"]

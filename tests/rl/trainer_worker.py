@@ -158,8 +158,8 @@ def inf_gradient(trainer, when) -> dict:
     d/dx sqrt(x) at x = 0 is inf, and 1e-30 * sqrt(0) adds 0 to the loss."""
     make, calls = trainer._loss_fn, {"n": 0}
 
-    def poisoned(mini):
-        fn = make(mini)
+    def poisoned(*normalisers):
+        fn = make(*normalisers)
 
         def loss(batch, logprobs, entropy):
             value, metrics = fn(batch, logprobs, entropy)
@@ -176,8 +176,8 @@ def inf_gradient(trainer, when) -> dict:
 def nan_loss(trainer, when) -> None:
     make = trainer._loss_fn
 
-    def poisoned(mini):
-        fn = make(mini)
+    def poisoned(*normalisers):
+        fn = make(*normalisers)
 
         def loss(batch, logprobs, entropy):
             value, metrics = fn(batch, logprobs, entropy)

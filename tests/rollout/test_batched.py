@@ -45,6 +45,11 @@ def test_every_row_once_in_order_and_nothing_pulled_beyond_total(n, total, batch
 def test_seeds_follow_the_rows_before_each_batch():
     engine = RecordingEngine()
     list(rollout_batches(engine, _source(9, []), total=9, desc="t", batch_size=4, seed=7, n=2))
-    assert [kwargs["seed"] for _, kwargs in engine.calls] == [sampling_seed(7, 0), sampling_seed(7, 4),
-                                                               sampling_seed(7, 8)]
+    assert [kwargs["seed"] for _, kwargs in engine.calls] == [[sampling_seed(7, i) for i in range(4)],
+                                                               [sampling_seed(7, i) for i in range(4, 8)],
+                                                               [sampling_seed(7, 8)]]
+    # one shard of two: its j-th row is row 2j + 1 of the data order, and samples as such
+    shard = RecordingEngine()
+    list(rollout_batches(shard, _source(3, []), total=3, desc="t", batch_size=4, seed=7, index_of=lambda j: 2 * j + 1))
+    assert shard.calls[0][1]["seed"] == [sampling_seed(7, 1), sampling_seed(7, 3), sampling_seed(7, 5)]
     assert len({sampling_seed(s, i) for s in range(5) for i in range(1000)}) == 5000  # distinct per (seed, index)
