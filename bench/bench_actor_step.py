@@ -117,12 +117,13 @@ SMALL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_a
 
 def make_model(out: Path, preset: str) -> Path:
     """A random Qwen2.5-VL HF directory: megavrl's "tiny" preset, or "small" (SMALL sizes)."""
-    from megavrl.models.qwen2_5_vl import tiny
+    from megavrl.checkpoint.tiny import make_tiny_model
+    from megavrl.models.qwen2_5_vl.args import TINY_PRESETS, TinyPreset
 
-    if preset == "small" and "small" not in tiny.PRESETS:
+    if preset == "small" and "small" not in TINY_PRESETS:
         # make_tiny_model builds only registered presets: register this one for this process.
-        tiny.PRESETS["small"] = tiny.TinyPreset(**SMALL)
-    return tiny.make_tiny_model(out, preset=preset, seed=0, force=True)
+        TINY_PRESETS["small"] = TinyPreset(**SMALL)
+    return make_tiny_model(out, preset=preset, seed=0, force=True)
 
 
 def make_batch(hf_dir: Path, data_dir: Path, sequences: int, seq_len: int, micro_batch_size: int,

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from megavrl.checkpoint.manager import MARKER, CheckpointManager, copy_hf_side_files
-from megavrl.checkpoint.mapping import LANGUAGE_PREFIX, VISION_PREFIX
+from megavrl.checkpoint.mapping import HF_FINAL_NORM, HF_OUTPUT, LANGUAGE_PREFIX, VISION_PREFIX, mapping_context
 from megavrl.log import get_logger
 from megavrl.parallel.collectives import all_gather_object, barrier, broadcast_object, global_rank, world_size
 
@@ -173,7 +173,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def _hf_dtype(reader) -> torch.dtype:
     """The dtype the HF checkpoint stores its weights in (read from one small tensor)."""
-    return reader.read("model.norm.weight", 0, 0, 1).dtype
+    return reader.read(HF_FINAL_NORM, 0, 0, 1).dtype
 
 
 def _read_param_shard(reader, binding, shape, tp_rank: int, ctx, dtype: torch.dtype) -> torch.Tensor:
@@ -217,8 +217,8 @@ def _check_hf_tensors(reader, bindings: dict, params: dict, ctx, configs, hf_dir
         published = to_published(name)
         if published in all_expected:
             continue
-        if published == "lm_head.weight" and ctx.tie_word_embeddings:
-            log.info("%s holds lm_head.weight but config.json ties the embeddings: ignored", hf_dir)
+        if published == HF_OUTPUT and ctx.tie_word_embeddings:
+            log.info("%s holds %s but config.json ties the embeddings: ignored", hf_dir, HF_OUTPUT)
             continue
         unexpected.append(name)
     if missing or unexpected or mismatched:
@@ -290,7 +290,7 @@ def convert_hf_to_megatron(hf_dir: str | os.PathLike, out: str | os.PathLike, tp
         with HFCheckpointReader(hf_dir) as reader:
             target = _hf_dtype(reader) if dtype == "auto" else _as_dtype(dtype)
         configs = build_configs(hf_dir, tp=tp, pp=pp, params_dtype=target)
-        ctx = configs.mapping_context()
+        ctx = mapping_context(configs)
         model = _meta_model(configs)
         params = dict(model.named_parameters())
         binding_of = {name: bind(name, model.layer_offset, ctx.tie_word_embeddings) for name in params}
@@ -393,7 +393,7 @@ def _param_sources(configs) -> list[_ParamSource]:
     from megavrl.checkpoint.mapping import bind
 
     model = _meta_model(configs)
-    ctx = configs.mapping_context()
+    ctx = mapping_context(configs)
     sharded = model.sharded_state_dict()
     out = []
     for name, param in model.named_parameters():
@@ -519,7 +519,7 @@ def convert_megatron_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, dtyp
         init_distributed(1, 1)  # the meta model asks Megatron's parallel state for its layout
     t0 = time.perf_counter()
     configs = build_configs(config_from, tp=1, pp=1)
-    ctx = configs.mapping_context()
+    ctx = mapping_context(configs)
     sources = _param_sources(configs)
     tmp = _new_tmp_dir(out)
     try:

@@ -55,6 +55,7 @@ class MegatronActor:
                  optimizer_config=None, total_steps: int = 1, use_distributed_optimizer: bool = False,
                  megatron_ckpt: str | None = None, rope_convention: str = "qwen"):
         from megavrl.checkpoint.hf_io import load_hf_weights
+        from megavrl.checkpoint.mapping import mapping_context
         from megavrl.models.qwen2_5_vl.config import build_configs
         from megavrl.models.qwen2_5_vl.model import Qwen2_5_VLModel
 
@@ -71,7 +72,7 @@ class MegatronActor:
         if megatron_ckpt:
             self.load_megatron(megatron_ckpt)
         else:
-            load_hf_weights(self.model, hf_dir, self.configs.mapping_context())
+            load_hf_weights(self.model, hf_dir, mapping_context(self.configs))
         self.optim = None
         if trainable:
             from megatron.core.distributed import finalize_model_grads
@@ -205,8 +206,9 @@ class MegatronActor:
         """Stream of (published HF name, full tensor) yielded on global rank 0 (weight sync, HF
         export). Every rank must exhaust it: the others drive the PP broadcasts and TP gathers."""
         from megavrl.checkpoint.hf_io import export_hf_weights
+        from megavrl.checkpoint.mapping import mapping_context
 
-        return export_hf_weights(self.model, self.configs.mapping_context(), ranks="rank0", dtype=dtype)
+        return export_hf_weights(self.model, mapping_context(self.configs), ranks="rank0", dtype=dtype)
 
 
 def all_ranks_agree(flag: bool) -> bool:
