@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from megavrl.dtypes import resolve_dtype
 from megavrl.log import get_logger
 from megavrl.models.qwen2_5_vl.model import MODEL_INPUTS as MODEL_KEYS
 
@@ -27,12 +28,6 @@ log = get_logger(__name__)
 
 # loss_fn(batch, logprobs [b, S], entropy [b, S]) -> (loss scalar, metrics dict of floats)
 LossFn = Callable[[dict, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 @dataclass
