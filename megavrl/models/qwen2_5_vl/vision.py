@@ -37,8 +37,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megavrl.log import get_logger
 from megavrl.models.qwen2_5_vl.args import VISION_ACTIVATIONS, VISION_NORM_EPS, VisionSizes
+from megavrl.models.qwen2_5_vl.layer_spec import transformer_layer_spec
 from megavrl.models.qwen2_5_vl.vision_geometry import VisionGeometry, block_diagonal_mask
-from megavrl.parallel.distributed import transformer_engine_available
 
 log = get_logger(__name__)
 
@@ -90,49 +90,11 @@ def vision_transformer_config(hf_vision_config: Any, *, tensor_model_parallel_si
 
 def vision_layer_spec(use_te: bool | None = None) -> ModuleSpec:
     """The ``ModuleSpec`` of one vision block: pre-norm self-attention (no mask type: the segments
-    come as packed-sequence boundaries) and a gated MLP.
+    come as packed-sequence boundaries) and a gated MLP, with the decoder layer's parameter names.
 
     use_te: Transformer Engine modules (GPU); default when it imports and CUDA is available.
-    Both variants use separate norm modules so that parameter names are the same
-    (``input_layernorm``, ``self_attention.linear_qkv``, ``self_attention.linear_proj``,
-    ``pre_mlp_layernorm``, ``mlp.linear_fc1``, ``mlp.linear_fc2``): one mapping table serves both.
     """
-    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-    from megatron.core.transformer.mlp import MLP, MLPSubmodules
-    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
-
-    if use_te is None:
-        use_te = transformer_engine_available()
-    if use_te:
-        from megatron.core.extensions.transformer_engine import (TEColumnParallelLinear, TEDotProductAttention,
-                                                                 TENorm, TERowParallelLinear)
-        norm, column, row = TENorm, TEColumnParallelLinear, TERowParallelLinear
-        core_attention = TEDotProductAttention
-    else:
-        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-        from megavrl.models.qwen2_5_vl.sdpa_attention import SDPACoreAttention
-
-        norm, column, row = WrappedTorchNorm, ColumnParallelLinear, RowParallelLinear
-        core_attention = SDPACoreAttention
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=norm,
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.no_mask},
-                submodules=SelfAttentionSubmodules(linear_qkv=column, core_attention=core_attention,
-                                                   linear_proj=row),
-            ),
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
-            mlp_bda=get_bias_dropout_add,
-        ),
-    )
+    return transformer_layer_spec(AttnMaskType.no_mask, use_te)
 
 
 class PatchEmbed(torch.nn.Module):
