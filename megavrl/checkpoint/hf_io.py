@@ -22,7 +22,8 @@ from typing import Iterator
 import torch
 
 from megavrl.checkpoint.mapping import (TIED_OUTPUT_MEGATRON, Binding, MappingContext, assemble_shard, bind,
-                                        hf_aliases, hf_shapes_from_shard, merge_shards, shard_pieces)
+                                        hf_aliases, hf_shapes_from_shard, mapping_context, merge_shards,
+                                        shard_pieces)
 from megavrl.log import get_logger
 
 log = get_logger(__name__)
@@ -128,7 +129,7 @@ def load_hf_weights(model, hf_dir: str | os.PathLike, ctx: MappingContext | None
     """Copy this rank's shard of every parameter of ``model`` (a Qwen2_5_VLModel stage) from the
     HF directory. Returns the number of parameters loaded; raises if one is missing on disk or
     has the wrong shape."""
-    ctx = ctx or model.configs.mapping_context()
+    ctx = ctx or mapping_context(model.configs)
     tp_rank = _tp_rank()
     loaded = 0
     with HFCheckpointReader(hf_dir) as reader:
@@ -174,7 +175,7 @@ def export_hf_weights(model, ctx: MappingContext | None = None, ranks: str = "al
         raise ValueError(f"of must be 'weights' or 'grads', not {of!r}")
     if ranks not in ("all", "first", "rank0"):
         raise ValueError(f"ranks must be 'all', 'first' or 'rank0', not {ranks!r}")
-    ctx = ctx or model.configs.mapping_context()
+    ctx = ctx or mapping_context(model.configs)
     distributed = dist.is_available() and dist.is_initialized() and ps.model_parallel_is_initialized()
     tp = ps.get_tensor_model_parallel_world_size() if distributed else 1
     pp = ps.get_pipeline_model_parallel_world_size() if distributed else 1

@@ -654,8 +654,10 @@ class Trainer:
         import subprocess
         import sys
 
+        from megavrl.dtypes import short_dtype_name
+
         if global_rank() == 0:
-            dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(self.cfg.model.dtype, "bf16")
+            dtype = "bf16" if self.cfg.model.dtype == "auto" else short_dtype_name(self.cfg.model.dtype)
             cmd = [sys.executable, "-m", "megavrl.cli", "convert", "megatron-to-hf", "--ckpt", str(ckpt),
                    "--out", str(out), "--dtype", dtype, "--force"]
             # A clean single-process job: none of torchrun's variables (with TORCHELASTIC_USE_AGENT_STORE
