@@ -13,6 +13,8 @@ with ``rope_scaling.mrope_section``), never written down per model size.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,17 +50,17 @@ def load_hf_config(source: Any):
     """A ``Qwen2_5_VLConfig`` from a HF directory, a config dict, or a config object.
 
     Refuses any other ``model_type`` with a message naming it, and a path that is not a local
-    HF directory (:func:`require_hf_dir`).
+    HF directory (:func:`require_hf_dir`). A directory's ``config.json`` is parsed once per process
+    (validation, the prompt builder, the actor and the reference model share it); each caller gets
+    its own copy, and a rewritten file is parsed again.
     """
-    from transformers import AutoConfig, PretrainedConfig
+    from transformers import PretrainedConfig
 
     if isinstance(source, (str, os.PathLike)):
         require_hf_dir(source)
-        model_type = _peek_model_type(source)
-        if model_type is not None and model_type != SUPPORTED_MODEL_TYPE:
-            raise ValueError(f"{source}: config.json has model_type={model_type!r}; megavrl supports "
-                             f"{SUPPORTED_MODEL_TYPE!r} (Qwen2.5-VL) only")
-        cfg = AutoConfig.from_pretrained(source)
+        path = os.path.join(os.path.realpath(source), "config.json")
+        stat = os.stat(path)
+        cfg = copy.deepcopy(_parse_hf_dir(os.path.dirname(path), (stat.st_mtime_ns, stat.st_size)))
     elif isinstance(source, dict):
         from transformers import Qwen2_5_VLConfig
 
@@ -74,6 +76,19 @@ def load_hf_config(source: Any):
         raise ValueError(f"HF config has model_type={getattr(cfg, 'model_type', None)!r}; megavrl supports "
                          f"{SUPPORTED_MODEL_TYPE!r} (Qwen2.5-VL) only")
     return cfg
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_hf_dir(directory: str, stamp: tuple[int, int]):
+    """``AutoConfig`` of a local HF directory, after checking its model type; ``stamp`` (mtime, size
+    of config.json) keys the cache."""
+    from transformers import AutoConfig
+
+    model_type = _peek_model_type(directory)
+    if model_type is not None and model_type != SUPPORTED_MODEL_TYPE:
+        raise ValueError(f"{directory}: config.json has model_type={model_type!r}; megavrl supports "
+                         f"{SUPPORTED_MODEL_TYPE!r} (Qwen2.5-VL) only")
+    return AutoConfig.from_pretrained(directory)
 
 
 def _peek_model_type(directory) -> str | None:
