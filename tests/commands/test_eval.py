@@ -40,6 +40,19 @@ def test_eval_writes_predictions_metrics_and_report(run_config, capsys):
     assert set(metrics["benchmarks"]) == {f"{p['benchmark']}" for p in predictions}
     assert "| " in (root / "eval" / "metrics.md").read_text()
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == len(val_rows)
+    # metrics.json follows from predictions.jsonl: each raw response re-scored against its row and
+    # aggregated with the project's metric functions gives every number of metrics.json.
+    from megavrl.eval.predictions import evaluate_predictions
+    from megavrl.rewards import RewardConfig
+
+    rows = {r["id"]: r for r in map(json.loads, val_rows)}
+    assert all(p["ground_truth"]["question"] == rows[p["id"]]["question"] for p in predictions)
+    raw = [{k: p[k] for k in ("id", "task", "benchmark", "response", "ground_truth")} for p in predictions]
+    rescored, recomputed = evaluate_predictions(raw, RewardConfig())
+    assert recomputed == metrics
+    assert [(r["iou"], r["correct"], r["parse_ok"]) for r in rescored] == \
+        [(p["iou"], p["correct"], p["parse_ok"]) for p in predictions]
+    assert metrics["overall"]["n_parse_failures"] == sum(not p["parse_ok"] for p in predictions)
 
 
 def test_select_drops_rows_whose_rewards_are_all_the_same(run_config):
