@@ -213,20 +213,6 @@ def validate_lengths(cfg: Config) -> None:
                 f"data.prompt.max_prompt_len to {model_len - new}, or lower {name} to {model_len - prompt_len}")
 
 
-def validate_model_against_parallel(hf_config, tp: int) -> None:
-    """Heads and KV groups of the HF config must split evenly over ``tp`` ranks."""
-    text = getattr(hf_config, "text_config", hf_config)
-    vision = getattr(hf_config, "vision_config", None)
-    checks = [("num_attention_heads", text.num_attention_heads),
-              ("num_query_groups (num_key_value_heads)", text.num_key_value_heads or text.num_attention_heads)]
-    if vision is not None:
-        checks.append(("vision num_heads", vision.num_heads))
-    for what, n in checks:
-        if n % tp != 0:
-            raise ConfigError(f"{what}={n} is not divisible by tensor_model_parallel_size "
-                              f"(parallel.tp)={tp}: choose parallel.tp among the divisors of {n}")
-
-
 def validate(cfg: Config, world_size: int | None = None, check_paths: bool = True) -> Config:
     """Cross-field checks that no single field can do. Returns ``cfg`` for chaining."""
     _refuse_nonfinite(cfg)  # first: NaN passes every comparison below
@@ -261,11 +247,16 @@ def validate(cfg: Config, world_size: int | None = None, check_paths: bool = Tru
         if model_type != "qwen2_5_vl":
             raise ConfigError(f"model.hf_dir={cfg.model.hf_dir!r} holds a {model_type!r} model; "
                               f"megavrl trains Qwen2.5-VL (model_type 'qwen2_5_vl')")
-        from megavrl.models.qwen2_5_vl.config import load_hf_config
+        from megavrl.models.qwen2_5_vl.args import TextSizes
+        from megavrl.models.qwen2_5_vl.config import check_tp_pp, load_hf_config
 
         try:
             hf_config = load_hf_config(hf_dir)  # parsed once per process: the model's configs reuse it
         except Exception as e:  # transformers validates sizes on load
             raise ConfigError(f"model.hf_dir={cfg.model.hf_dir!r}: config.json is invalid: {_first_line(e)}") from None
-        validate_model_against_parallel(hf_config, cfg.parallel.tp)
+        try:
+            check_tp_pp(TextSizes.from_hf(hf_config), cfg.parallel.tp, cfg.parallel.pp,
+                        vision_heads=hf_config.vision_config.num_heads, options=("parallel.tp", "parallel.pp"))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return cfg

@@ -107,16 +107,27 @@ def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = VOCAB_DIVISI
     return (vocab_size + multiple - 1) // multiple * multiple
 
 
-def check_tp_pp(text: TextSizes, tp: int, pp: int) -> None:
-    """Refuse layouts the text decoder cannot be split into, naming the size that does not fit."""
-    for what, n in (("num_attention_heads", text.num_attention_heads),
-                    ("num_query_groups", text.num_query_groups),
-                    ("ffn_hidden_size", text.ffn_hidden_size)):
+def check_tp_pp(text: TextSizes, tp: int, pp: int, vision_heads: int | None = None,
+                options: tuple[str, str] | None = None) -> None:
+    """Refuse layouts the model cannot be split into, naming the size that does not fit (the one
+    check for the converter, the model builder and config validation).
+
+    vision_heads: the vision tower's heads, split over the same TP ranks.
+    options: the names the user set TP and PP with (e.g. ``("parallel.tp", "parallel.pp")``), added
+        to the message next to Megatron's names, with the HF name of the KV groups.
+    """
+    tp_name = "tensor_model_parallel_size" + (f" ({options[0]})" if options else "")
+    pp_name = "pipeline_model_parallel_size" + (f" ({options[1]})" if options else "")
+    groups = "num_query_groups" + (" (num_key_value_heads)" if options else "")
+    sizes = [("num_attention_heads", text.num_attention_heads), (groups, text.num_query_groups),
+             ("ffn_hidden_size", text.ffn_hidden_size)]
+    if vision_heads is not None:
+        sizes.append(("vision num_heads", vision_heads))
+    for what, n in sizes:
         if n % tp:
-            raise ValueError(f"{what}={n} is not divisible by tensor_model_parallel_size={tp}: choose a TP "
-                             f"size that divides it")
+            raise ValueError(f"{what}={n} is not divisible by {tp_name}={tp}: choose a TP size that divides it")
     if text.num_layers % pp:
-        raise ValueError(f"num_layers={text.num_layers} is not divisible by pipeline_model_parallel_size={pp}: "
+        raise ValueError(f"num_layers={text.num_layers} is not divisible by {pp_name}={pp}: "
                          f"choose a PP size that divides it")
 
 
