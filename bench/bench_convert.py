@@ -42,7 +42,8 @@ def make_hf_dir(out: Path, hidden: int, layers: int, vocab: int, seed: int = 0) 
     from megavrl.checkpoint.mapping import to_published
     from megavrl.checkpoint.safetensors_writer import ShardedSafetensorsWriter
     from megavrl.checkpoint.tensor_spec import TensorSpec
-    from megavrl.models.qwen2_5_vl.tiny import TinyPreset, build_config, build_processor, build_tokenizer
+    from megavrl.checkpoint.tiny import build_config, build_processor, build_tokenizer
+    from megavrl.models.qwen2_5_vl.args import TinyPreset
 
     preset = TinyPreset(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
                         num_attention_heads=hidden // 64, num_key_value_heads=2)

@@ -97,7 +97,7 @@ def main(argv=None) -> None:
     ap.add_argument("--baseline-repeats", type=int, default=1)
     args = ap.parse_args(argv)
 
-    from megavrl.models.qwen2_5_vl.tiny import make_tiny_model
+    from megavrl.checkpoint.tiny import make_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="megavrl-bench-rollout-") as tmp:
         model_dir = make_tiny_model(Path(tmp) / "tiny", preset="tiny", seed=0)

@@ -139,7 +139,7 @@ def main() -> int:
     from megavrl.data.prompt import PromptBuilder
     from megavrl.data.schema import Sample
     from megavrl.data.video import VideoSampler
-    from megavrl.models.qwen2_5_vl.tiny import make_tiny_model
+    from megavrl.checkpoint.tiny import make_tiny_model
 
     import transformers
     transformers.logging.set_verbosity_error()

@@ -46,7 +46,7 @@ def main(argv=None) -> None:
 
     from safetensors.torch import load_file
 
-    from megavrl.models.qwen2_5_vl.tiny import make_tiny_model
+    from megavrl.checkpoint.tiny import make_tiny_model
     from megavrl.rollout import RolloutConfig, RolloutEngine
 
     config = RolloutConfig(dtype="float32", max_model_len=1024, cpu_kv_cache_mb=64)

@@ -1,9 +1,10 @@
 """The ``megavrl`` command: one entry point, one subcommand per job.
 
-Each subcommand lives next to the code it drives, in a ``commands.py`` module exposing
-``register(subparsers)``; that function adds its parser and sets ``func`` to a callable taking the
-parsed arguments and returning an exit code. Modules import heavy libraries (torch, vLLM) inside
-their functions, so ``megavrl --help`` stays instant.
+Each subcommand is a module of :mod:`megavrl.commands` (the top floor: it may import any
+subsystem, nothing but this file imports it) exposing ``register(subparsers)``; that function adds
+its parser and sets ``func`` to a callable taking the parsed arguments and returning an exit code.
+Modules import heavy libraries (torch, vLLM) inside their functions, so ``megavrl --help`` stays
+instant.
 
 Errors. Bad input (a :class:`megavrl.config.ConfigError`, a :class:`megavrl.errors.UserError`, a
 missing or unreadable file) is reported as one line, ``megavrl <command>: error: <reason>``, with
@@ -20,13 +21,13 @@ import traceback
 
 # A subcommand appears here when it works end to end.
 COMMAND_MODULES = [
-    "megavrl.models.qwen2_5_vl.commands",
-    "megavrl.models.qwen2_5_vl.parity_command",
-    "megavrl.data.commands",
-    "megavrl.checkpoint.commands",
-    "megavrl.rl.commands",
-    "megavrl.eval.commands",
-    "megavrl.rollout.check_sync",
+    "megavrl.commands.model",
+    "megavrl.commands.check_parity",
+    "megavrl.commands.data",
+    "megavrl.commands.convert",
+    "megavrl.commands.train",
+    "megavrl.commands.eval",
+    "megavrl.commands.check_sync",
 ]
 
 

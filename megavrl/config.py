@@ -23,139 +23,22 @@ from typing import Any, Optional
 
 import yaml
 
+from megavrl.checkpoint.config import CheckpointConfig
+from megavrl.config_base import ConfigError, check_choice, check_positive, dump_yaml, to_dict
 from megavrl.data.config import DataConfig
-from megavrl.errors import UserError
+from megavrl.eval.config import EvalConfig
+from megavrl.models.config import ModelConfig
+from megavrl.parallel.config import ParallelConfig, validate_parallel
 from megavrl.rewards.config import RewardConfig
-from megavrl.rollout.engine import RolloutConfig
-from megavrl.rl.config import GRPOConfig, SelectionConfig
+from megavrl.rl.config import AlgorithmConfig, LoggingConfig, OptimizerConfig, SelectionConfig, TrainerConfig
+from megavrl.rollout.config import RolloutConfig
 
-
-class ConfigError(UserError):
-    """A configuration that cannot work. The message names the field and the fix."""
+__all__ = ["AlgorithmConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "LoggingConfig",
+           "ModelConfig", "OptimizerConfig", "ParallelConfig", "RewardConfig", "RolloutConfig", "SelectionConfig",
+           "TrainerConfig", "dump_yaml", "load_config", "to_dict", "validate", "validate_lengths", "validate_parallel"]
 
 
 # ----------------------------------------------------------------------------------- sections
-
-
-@dataclass
-class ModelConfig:
-    hf_dir: Optional[str] = None
-    """Hugging Face Qwen2.5-VL directory (config, tokenizer, processor, safetensors)."""
-    megatron_ckpt: Optional[str] = None
-    """Megatron distributed checkpoint to start from instead of hf_dir's weights (hf_dir still
-    supplies config, tokenizer and processor)."""
-    dtype: str = "auto"
-    """float32 | bfloat16 | float16 | auto (bfloat16 on GPU, float32 on CPU)."""
-    freeze_vision: bool = False
-    freeze_projector: bool = False
-    recompute_activations: bool = False
-    """Megatron full activation recomputation (saves memory, costs ~1/3 more compute)."""
-
-
-@dataclass
-class ParallelConfig:
-    tp: int = 1
-    """Megatron tensor-parallel size."""
-    pp: int = 1
-    """Megatron pipeline-parallel size. Data parallelism is world_size / (tp * pp)."""
-    sequence_parallel: bool = False
-    use_distributed_optimizer: bool = True
-    """Shard optimizer state across data-parallel ranks (only takes effect on GPU with DP > 1)."""
-    backend: str = "auto"
-    """auto | nccl | gloo. auto: nccl with CUDA, gloo (CPU mode) without."""
-    nproc: Optional[int] = None
-    """Processes to start when a command runs outside torchrun (default: tp * pp)."""
-
-
-@dataclass
-class OptimizerConfig:
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    lr_warmup_steps: int = 0
-    lr_decay_style: str = "constant"
-    """constant | linear | cosine (decay over trainer.total_steps)."""
-
-
-@dataclass
-class TrainerConfig:
-    total_steps: int = 100
-    prompts_per_step: int = 16
-    micro_batch_size: int = 1
-    """Sequences per micro-batch of Megatron's forward-backward schedule."""
-    seed: int = 1234
-    eval_every: int = 0
-    """Steps between evaluations (0: only before and after training)."""
-    max_consecutive_nonfinite: int = 3
-    """Stop after this many steps in a row whose loss was NaN/inf (each is skipped and counted)."""
-    preemption_grace_s: float = 120.0
-    """Seconds from a stop signal (SIGTERM, SIGINT, SIGHUP, SIGUSR1) to a complete checkpoint. The
-    step in flight is finished, or abandoned if its update has not started, then a checkpoint is
-    written; a process still alive after this many seconds exits without one (the previous
-    checkpoint stays). The launcher passes it to torchrun as --shutdown-timeout; on Slurm keep it
-    below the --signal lead time."""
-    output_dir: str = "runs/megavrl"
-
-
-@dataclass
-class LoggingConfig:
-    tensorboard_dir: Optional[str] = None
-    """Default: <trainer.output_dir>/tensorboard."""
-    log_every: int = 1
-    """Steps between console lines (TensorBoard gets every step)."""
-
-
-@dataclass
-class CheckpointConfig:
-    dir: Optional[str] = None
-    """Default: <trainer.output_dir>/checkpoints."""
-    save_every: int = 0
-    """Steps between checkpoints (0: only at the end and on SIGTERM)."""
-    keep_last: int = 3
-    resume: str = "auto"
-    """auto (newest complete checkpoint in dir, if any) | none | a checkpoint path."""
-    export_hf_at_end: bool = True
-
-
-@dataclass
-class EvalConfig:
-    """Evaluation on ``data.val`` (``megavrl eval`` and periodic evaluation during training)."""
-
-    temperature: float = 0.0
-    """0: greedy decoding."""
-    max_new_tokens: Optional[int] = None
-    """Default: rollout.max_new_tokens."""
-    max_samples: Optional[int] = None
-    """Evaluate only the first N validation rows (None: all)."""
-    output_dir: Optional[str] = None
-    """Where predictions.jsonl, metrics.json and metrics.md go (default: <trainer.output_dir>/eval)."""
-
-
-@dataclass
-class AlgorithmConfig(GRPOConfig):
-    """The ``algorithm`` section: the GRPO loss options plus how a step uses its rollouts."""
-
-    name: str = "grpo"
-    """grpo | sft (cross-entropy on the reference answers: the paper's SFT baseline and warm start)."""
-    ppo_epochs: int = 1
-    """Passes over each step's rollouts."""
-    mini_batches: int = 1
-    """Optimizer steps per epoch (the step's sequences are split into this many mini-batches)."""
-    filter_zero_variance: bool = False
-    """Drop prompt groups whose n rewards are all equal and refill from the data queue
-    (at most selection.max_refills groups per step)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.name not in ("grpo", "sft"):
-            raise ValueError(f"algorithm.name={self.name!r} is not one of 'grpo', 'sft'")
-        for key in ("ppo_epochs", "mini_batches"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"algorithm.{key}={getattr(self, key)} must be >= 1")
 
 
 @dataclass
@@ -183,6 +66,13 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------ loading
+
+# Fields that existed once, with why they went and what to do instead.
+REMOVED_FIELDS = {
+    "parallel.sequence_parallel": "it never took effect (megavrl did not pass it to Megatron, and CPU mode's "
+                                  "gloo backend has no reduce-scatter); delete the line",
+}
+
 
 
 def _field_path(exc: Exception) -> str:
@@ -252,6 +142,9 @@ def load_config(files: str | os.PathLike | list = (), overrides: list[str] = (),
         try:
             merged = OmegaConf.merge(merged, data)
         except ConfigKeyError as e:
+            if _field_path(e) in REMOVED_FIELDS:
+                raise ConfigError(f"{source}: config field '{_field_path(e)}' was removed: "
+                                  f"{REMOVED_FIELDS[_field_path(e)]}") from None
             raise ConfigError(f"{source}: unknown config field '{_field_path(e)}'. {_first_line(e)}") from None
         except ValidationError as e:
             raise ConfigError(f"{source}: config field '{_field_path(e)}' has a bad value: {_first_line(e)}") from None
@@ -265,28 +158,7 @@ def load_config(files: str | os.PathLike | list = (), overrides: list[str] = (),
     return cfg
 
 
-def to_dict(cfg) -> dict:
-    """A plain nested dict (for logging, TensorBoard hparams and checkpoint metadata)."""
-    return dataclasses.asdict(cfg)
-
-
-def dump_yaml(cfg) -> str:
-    return yaml.safe_dump(json.loads(json.dumps(to_dict(cfg))), sort_keys=False)
-
-
 # --------------------------------------------------------------------------------- validation
-
-
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
-
-
-def _positive(name: str, value, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{name}={value} must be {'>= 0' if allow_zero else '> 0'}")
 
 
 def _nonfinite(tree: Any, prefix: str) -> Optional[tuple[str, float]]:
@@ -318,11 +190,11 @@ def validate_lengths(cfg: Config) -> None:
     that reaches its end short of ``max_new_tokens`` (a truncated response the reward then scores)."""
     rollout, prompt_len = cfg.rollout, cfg.data.prompt.max_prompt_len
     model_len = rollout.max_model_len
-    _positive("rollout.max_model_len", model_len)
+    check_positive("rollout.max_model_len", model_len)
     for name, new in (("rollout.max_new_tokens", rollout.max_new_tokens), ("eval.max_new_tokens", cfg.eval.max_new_tokens)):
         if new is None:
             continue
-        _positive(name, new)
+        check_positive(name, new)
         if new >= model_len:
             raise ConfigError(f"{name}={new} must be below rollout.max_model_len={model_len} (the prompt needs "
                               f"room too): raise rollout.max_model_len or lower {name}")
@@ -341,52 +213,22 @@ def validate_lengths(cfg: Config) -> None:
                 f"data.prompt.max_prompt_len to {model_len - new}, or lower {name} to {model_len - prompt_len}")
 
 
-def validate_parallel(parallel: ParallelConfig, world_size: int | None = None) -> None:
-    """Parallel sizes against each other and, when known, the number of processes."""
-    _positive("parallel.tp", parallel.tp)
-    _positive("parallel.pp", parallel.pp)
-    _choice("parallel.backend", parallel.backend, ("auto", "nccl", "gloo"))
-    model_parallel = parallel.tp * parallel.pp
-    if world_size is not None and world_size % model_parallel != 0:
-        raise ConfigError(
-            f"world size {world_size} is not divisible by parallel.tp * parallel.pp = "
-            f"{parallel.tp} * {parallel.pp} = {model_parallel}: start a multiple of {model_parallel} "
-            f"processes (torchrun --nproc-per-node) or change parallel.tp / parallel.pp")
-    if parallel.nproc is not None and parallel.nproc % model_parallel != 0:
-        raise ConfigError(f"parallel.nproc={parallel.nproc} is not divisible by parallel.tp * parallel.pp "
-                          f"= {model_parallel}")
-
-
-def validate_model_against_parallel(hf_config, tp: int) -> None:
-    """Heads and KV groups of the HF config must split evenly over ``tp`` ranks."""
-    text = getattr(hf_config, "text_config", hf_config)
-    vision = getattr(hf_config, "vision_config", None)
-    checks = [("num_attention_heads", text.num_attention_heads),
-              ("num_query_groups (num_key_value_heads)", text.num_key_value_heads or text.num_attention_heads)]
-    if vision is not None:
-        checks.append(("vision num_heads", vision.num_heads))
-    for what, n in checks:
-        if n % tp != 0:
-            raise ConfigError(f"{what}={n} is not divisible by tensor_model_parallel_size "
-                              f"(parallel.tp)={tp}: choose parallel.tp among the divisors of {n}")
-
-
 def validate(cfg: Config, world_size: int | None = None, check_paths: bool = True) -> Config:
     """Cross-field checks that no single field can do. Returns ``cfg`` for chaining."""
     _refuse_nonfinite(cfg)  # first: NaN passes every comparison below
     validate_parallel(cfg.parallel, world_size)
-    _choice("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16", "float16"))
-    _choice("optimizer.lr_decay_style", cfg.optimizer.lr_decay_style, ("constant", "linear", "cosine"))
-    _positive("optimizer.lr", cfg.optimizer.lr)
-    _positive("optimizer.min_lr", cfg.optimizer.min_lr, allow_zero=True)
+    check_choice("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16", "float16"))
+    check_choice("optimizer.lr_decay_style", cfg.optimizer.lr_decay_style, ("constant", "linear", "cosine"))
+    check_positive("optimizer.lr", cfg.optimizer.lr)
+    check_positive("optimizer.min_lr", cfg.optimizer.min_lr, allow_zero=True)
     if cfg.optimizer.min_lr > cfg.optimizer.lr:
         raise ConfigError(f"optimizer.min_lr={cfg.optimizer.min_lr} exceeds optimizer.lr={cfg.optimizer.lr}")
-    _positive("optimizer.clip_grad", cfg.optimizer.clip_grad, allow_zero=True)
-    _positive("trainer.total_steps", cfg.trainer.total_steps, allow_zero=True)
-    _positive("trainer.prompts_per_step", cfg.trainer.prompts_per_step)
-    _positive("trainer.preemption_grace_s", cfg.trainer.preemption_grace_s)
-    _positive("trainer.micro_batch_size", cfg.trainer.micro_batch_size)
-    _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    check_positive("optimizer.clip_grad", cfg.optimizer.clip_grad, allow_zero=True)
+    check_positive("trainer.total_steps", cfg.trainer.total_steps, allow_zero=True)
+    check_positive("trainer.prompts_per_step", cfg.trainer.prompts_per_step)
+    check_positive("trainer.preemption_grace_s", cfg.trainer.preemption_grace_s)
+    check_positive("trainer.micro_batch_size", cfg.trainer.micro_batch_size)
+    check_positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
     validate_lengths(cfg)
     if cfg.checkpoint.resume not in ("auto", "none") and check_paths and not Path(cfg.checkpoint.resume).exists():
         raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r} does not exist: give an existing "
@@ -405,11 +247,16 @@ def validate(cfg: Config, world_size: int | None = None, check_paths: bool = Tru
         if model_type != "qwen2_5_vl":
             raise ConfigError(f"model.hf_dir={cfg.model.hf_dir!r} holds a {model_type!r} model; "
                               f"megavrl trains Qwen2.5-VL (model_type 'qwen2_5_vl')")
-        from transformers import AutoConfig
+        from megavrl.models.qwen2_5_vl.args import TextSizes
+        from megavrl.models.qwen2_5_vl.config import check_tp_pp, load_hf_config
 
         try:
-            hf_config = AutoConfig.from_pretrained(hf_dir)
+            hf_config = load_hf_config(hf_dir)  # parsed once per process: the model's configs reuse it
         except Exception as e:  # transformers validates sizes on load
             raise ConfigError(f"model.hf_dir={cfg.model.hf_dir!r}: config.json is invalid: {_first_line(e)}") from None
-        validate_model_against_parallel(hf_config, cfg.parallel.tp)
+        try:
+            check_tp_pp(TextSizes.from_hf(hf_config), cfg.parallel.tp, cfg.parallel.pp,
+                        vision_heads=hf_config.vision_config.num_heads, options=("parallel.tp", "parallel.pp"))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return cfg

@@ -5,7 +5,7 @@ import pytest
 
 
 def _tiny(tmp_path_factory, preset: str, layout: str):
-    from megavrl.models.qwen2_5_vl.tiny import make_tiny_model
+    from megavrl.checkpoint.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp(f"{preset}-{layout}") / "hf", preset=preset, seed=0,
                            layout=layout)

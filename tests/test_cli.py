@@ -199,7 +199,7 @@ def test_make_tiny_model_refuses_a_non_empty_out(tmp_path, debug):
 
 
 def test_make_tiny_model_files_follow_the_umask(tmp_path):
-    from megavrl.models.qwen2_5_vl.tiny import make_tiny_model
+    from megavrl.checkpoint.tiny import make_tiny_model
 
     old = os.umask(0o022)
     try:
@@ -255,7 +255,7 @@ def test_bugs_keep_their_traceback(monkeypatch, capsys):
     import errno
 
     from megavrl.cli import main
-    from megavrl.models.qwen2_5_vl import commands
+    from megavrl.commands import model as commands
 
     def broken(args):
         raise RuntimeError("a bug")

@@ -184,3 +184,8 @@ def test_unreadable_or_directory_config_file_is_named(tmp_path):
     bad.write_bytes(b"optimizer:\n  lr: \xff\n")
     with pytest.raises(ConfigError, match=r"config file '.*latin1.yaml' is not UTF-8 text"):
         load_config(bad)
+
+
+def test_a_removed_field_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match=r"'parallel.sequence_parallel' was removed: it never took effect.*delete"):
+        load_config([], ["parallel.sequence_parallel=true"])

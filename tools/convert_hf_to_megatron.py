@@ -13,7 +13,7 @@ import sys
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from megavrl.checkpoint.commands import HF_TO_MEGATRON_DESCRIPTION, add_hf_to_megatron_parser, hf_to_megatron
+    from megavrl.commands.convert import HF_TO_MEGATRON_DESCRIPTION, add_hf_to_megatron_parser, hf_to_megatron
 
     parser = argparse.ArgumentParser(description=HF_TO_MEGATRON_DESCRIPTION)
     add_hf_to_megatron_parser(parser)

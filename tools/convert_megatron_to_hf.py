@@ -11,7 +11,7 @@ import sys
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from megavrl.checkpoint.commands import MEGATRON_TO_HF_DESCRIPTION, add_megatron_to_hf_parser, megatron_to_hf
+    from megavrl.commands.convert import MEGATRON_TO_HF_DESCRIPTION, add_megatron_to_hf_parser, megatron_to_hf
 
     parser = argparse.ArgumentParser(description=MEGATRON_TO_HF_DESCRIPTION)
     add_megatron_to_hf_parser(parser)

@@ -35,15 +35,13 @@ from typing import Any
 import torch
 
 from megavrl.checkpoint.manager import MARKER, CheckpointManager, copy_hf_side_files
-from megavrl.checkpoint.mapping import LANGUAGE_PREFIX, VISION_PREFIX
+from megavrl.checkpoint.mapping import HF_FINAL_NORM, HF_OUTPUT, LANGUAGE_PREFIX, VISION_PREFIX, mapping_context
+from megavrl.dtypes import dtype_name, torch_dtype
 from megavrl.log import get_logger
 from megavrl.parallel.collectives import all_gather_object, barrier, broadcast_object, global_rank, world_size
 
 log = get_logger(__name__)
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
-DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 # Megatron parameter names of the model start with these; other keys of a training checkpoint
 # (optimizer states, ...) are not model tensors.
@@ -53,14 +51,6 @@ _LIST_LIMIT = 25
 
 class CheckpointMismatchError(ValueError):
     """Tensors or configs of two checkpoints that do not fit; the message lists every problem."""
-
-
-def _as_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}: choose one of bf16, fp16, fp32")
-    return DTYPES[name]
 
 
 def _names(items: list, limit: int = _LIST_LIMIT) -> str:
@@ -173,7 +163,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def _hf_dtype(reader) -> torch.dtype:
     """The dtype the HF checkpoint stores its weights in (read from one small tensor)."""
-    return reader.read("model.norm.weight", 0, 0, 1).dtype
+    return reader.read(HF_FINAL_NORM, 0, 0, 1).dtype
 
 
 def _read_param_shard(reader, binding, shape, tp_rank: int, ctx, dtype: torch.dtype) -> torch.Tensor:
@@ -217,8 +207,8 @@ def _check_hf_tensors(reader, bindings: dict, params: dict, ctx, configs, hf_dir
         published = to_published(name)
         if published in all_expected:
             continue
-        if published == "lm_head.weight" and ctx.tie_word_embeddings:
-            log.info("%s holds lm_head.weight but config.json ties the embeddings: ignored", hf_dir)
+        if published == HF_OUTPUT and ctx.tie_word_embeddings:
+            log.info("%s holds %s but config.json ties the embeddings: ignored", hf_dir, HF_OUTPUT)
             continue
         unexpected.append(name)
     if missing or unexpected or mismatched:
@@ -288,9 +278,9 @@ def convert_hf_to_megatron(hf_dir: str | os.PathLike, out: str | os.PathLike, tp
             raise FileNotFoundError(f"{hf_dir} has no config.json: give a Hugging Face Qwen2.5-VL directory")
         configs = build_configs(hf_dir, tp=tp, pp=pp)  # refuses other model types and TP/PP misfits first
         with HFCheckpointReader(hf_dir) as reader:
-            target = _hf_dtype(reader) if dtype == "auto" else _as_dtype(dtype)
+            target = _hf_dtype(reader) if dtype == "auto" else torch_dtype(dtype)
         configs = build_configs(hf_dir, tp=tp, pp=pp, params_dtype=target)
-        ctx = configs.mapping_context()
+        ctx = mapping_context(configs)
         model = _meta_model(configs)
         params = dict(model.named_parameters())
         binding_of = {name: bind(name, model.layer_offset, ctx.tie_word_embeddings) for name in params}
@@ -316,14 +306,14 @@ def convert_hf_to_megatron(hf_dir: str | os.PathLike, out: str | os.PathLike, tp
         barrier()
         if global_rank() == 0:
             kept = copy_hf_side_files(hf_dir, tmp / "hf")
-            meta = {"step": 0, "world_size": layout.world_size, "tp": tp, "pp": pp, "dtype": DTYPE_NAMES[target],
+            meta = {"step": 0, "world_size": layout.world_size, "tp": tp, "pp": pp, "dtype": dtype_name(target),
                     "source": str(hf_dir.resolve()), "kind": "converted", "model_type": "qwen2_5_vl",
                     "bytes": written, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
             (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
             _move_into_place(tmp, out)
             secs = time.perf_counter() - t0
             log.info("converted %s -> %s (TP %d, PP %d, %s): %.1f MB in %.1f s (%.1f MB/s); kept %s",
-                     hf_dir, out, tp, pp, DTYPE_NAMES[target], written / 1e6, secs, written / 1e6 / secs,
+                     hf_dir, out, tp, pp, dtype_name(target), written / 1e6, secs, written / 1e6 / secs,
                      ", ".join(kept))
         barrier()
     except BaseException:
@@ -393,7 +383,7 @@ def _param_sources(configs) -> list[_ParamSource]:
     from megavrl.checkpoint.mapping import bind
 
     model = _meta_model(configs)
-    ctx = configs.mapping_context()
+    ctx = mapping_context(configs)
     sharded = model.sharded_state_dict()
     out = []
     for name, param in model.named_parameters():
@@ -454,7 +444,7 @@ def _read_param(reader, src: _ParamSource) -> torch.Tensor:
 
 def _update_config_dtype(config_path: Path, dtype: torch.dtype) -> None:
     config = json.loads(config_path.read_text())
-    name = DTYPE_NAMES[dtype]
+    name = dtype_name(dtype)
     config["dtype"] = name
     if "torch_dtype" in config:
         config["torch_dtype"] = name
@@ -500,7 +490,7 @@ def convert_megatron_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, dtyp
     from megavrl.parallel import init_distributed
 
     out = Path(out)
-    target = _as_dtype(dtype)
+    target = torch_dtype(dtype)
     cap = parse_size(max_shard_size)
     ckpt_dir = resolve_checkpoint(ckpt)
     DistCheckpointReader(ckpt_dir / "dist").close()  # a damaged checkpoint fails here, before any model is built
@@ -519,7 +509,7 @@ def convert_megatron_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, dtyp
         init_distributed(1, 1)  # the meta model asks Megatron's parallel state for its layout
     t0 = time.perf_counter()
     configs = build_configs(config_from, tp=1, pp=1)
-    ctx = configs.mapping_context()
+    ctx = mapping_context(configs)
     sources = _param_sources(configs)
     tmp = _new_tmp_dir(out)
     try:
@@ -529,7 +519,7 @@ def convert_megatron_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, dtyp
             planned = [TensorSpec(n, s, target) for _, named in plan for n, s in named]
             tmp.mkdir(parents=True)
             writer = ShardedSafetensorsWriter(tmp, planned, cap)
-            bar = _progress(writer.total_bytes, f"megatron->hf {DTYPE_NAMES[target]}", progress)
+            bar = _progress(writer.total_bytes, f"megatron->hf {dtype_name(target)}", progress)
             with writer:
                 for src, named in plan:
                     param = _read_param(reader, src)
@@ -549,7 +539,7 @@ def convert_megatron_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, dtyp
         raise
     secs = time.perf_counter() - t0
     log.info("exported %s -> %s (%s, %d safetensors files): %.1f MB in %.1f s (%.1f MB/s); kept %s", ckpt_dir, out,
-             DTYPE_NAMES[target], len(writer.files), writer.total_bytes / 1e6, secs,
+             dtype_name(target), len(writer.files), writer.total_bytes / 1e6, secs,
              writer.total_bytes / 1e6 / secs, ", ".join(kept))
     return out
 

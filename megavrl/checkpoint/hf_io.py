@@ -8,7 +8,8 @@ Exporting (:func:`export_hf_weights`): a generator of ``(hf_name, full tensor)``
 layout, one tensor at a time. The stage that owns a tensor all-gathers its TP shards, merges them
 with the table's rule (trimming vocab padding), and, when PP > 1, broadcasts the result to the
 other stages. All ranks must iterate it to the end (it runs collectives); with
-``ranks="rank0"`` only global rank 0 receives the tensors, the others drive the collectives and
+``ranks="rank0"`` only global rank 0 receives the tensors (``ranks="first"``: the first rank of
+every model replica, TP rank 0 and PP rank 0), the others drive the collectives and
 yield nothing. The same stream feeds the HF converter and the vLLM weight sync.
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Iterator
 import torch
 
 from megavrl.checkpoint.mapping import (TIED_OUTPUT_MEGATRON, Binding, MappingContext, assemble_shard, bind,
-                                        hf_aliases, hf_shapes_from_shard, merge_shards, shard_pieces)
+                                        hf_aliases, hf_shapes_from_shard, mapping_context, merge_shards,
+                                        shard_pieces)
 from megavrl.log import get_logger
 
 log = get_logger(__name__)
@@ -127,7 +129,7 @@ def load_hf_weights(model, hf_dir: str | os.PathLike, ctx: MappingContext | None
     """Copy this rank's shard of every parameter of ``model`` (a Qwen2_5_VLModel stage) from the
     HF directory. Returns the number of parameters loaded; raises if one is missing on disk or
     has the wrong shape."""
-    ctx = ctx or model.configs.mapping_context()
+    ctx = ctx or mapping_context(model.configs)
     tp_rank = _tp_rank()
     loaded = 0
     with HFCheckpointReader(hf_dir) as reader:
@@ -156,7 +158,9 @@ def export_hf_weights(model, ctx: MappingContext | None = None, ranks: str = "al
     """Yield ``(published HF name, full tensor)`` for every tensor of the model, one at a time.
 
     model: this rank's Qwen2_5_VLModel stage (any TP/PP; DP replicas export independently).
-    ranks: "all" -- every rank yields every tensor; "rank0" -- only global rank 0 yields, the
+    ranks: "all" -- every rank yields every tensor; "first" -- only each model replica's first rank
+        (TP rank 0, PP rank 0) yields, e.g. into that replica's rollout engine; "rank0" -- only
+        global rank 0 yields, the
         others drive the collectives and yield nothing. Every rank must exhaust the iterator.
     dtype: cast each tensor (e.g. torch.bfloat16 for vLLM); default the parameter dtype.
     of: "weights", or "grads" to stream the parameters' ``.grad`` in HF names instead (zeros
@@ -169,15 +173,20 @@ def export_hf_weights(model, ctx: MappingContext | None = None, ranks: str = "al
 
     if of not in ("weights", "grads"):
         raise ValueError(f"of must be 'weights' or 'grads', not {of!r}")
-    if ranks not in ("all", "rank0"):
-        raise ValueError(f"ranks must be 'all' or 'rank0', not {ranks!r}")
-    ctx = ctx or model.configs.mapping_context()
+    if ranks not in ("all", "first", "rank0"):
+        raise ValueError(f"ranks must be 'all', 'first' or 'rank0', not {ranks!r}")
+    ctx = ctx or mapping_context(model.configs)
     distributed = dist.is_available() and dist.is_initialized() and ps.model_parallel_is_initialized()
     tp = ps.get_tensor_model_parallel_world_size() if distributed else 1
     pp = ps.get_pipeline_model_parallel_world_size() if distributed else 1
     if tp != ctx.tp_size:
         raise ValueError(f"MappingContext is for TP={ctx.tp_size} but the model runs at TP={tp}")
-    yields = ranks == "all" or not distributed or dist.get_rank() == 0
+    if ranks == "all" or not distributed:
+        yields = True
+    elif ranks == "first":
+        yields = ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+    else:
+        yields = dist.get_rank() == 0
 
     local = [(b, p) for b, p in _model_bindings(model, ctx.tie_word_embeddings)
              if not (ctx.tie_word_embeddings and b.megatron_name == TIED_OUTPUT_MEGATRON)]

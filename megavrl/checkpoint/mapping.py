@@ -53,9 +53,12 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from megavrl.models.qwen2_5_vl.config import Qwen2_5_VLConfigs
 
 LANGUAGE_PREFIX = "language_model."
 VISION_PREFIX = "vision_model."
@@ -95,12 +98,16 @@ def _vision(megatron: str, hf: str | tuple[str, ...], split: Split) -> TensorMap
 
 _L = "decoder.layers.{i}."
 _HL = "model.layers.{i}."
+# HF names that code outside this table refers to (the tied output, a small tensor to probe).
+HF_EMBEDDING = "model.embed_tokens.weight"
+HF_FINAL_NORM = "model.norm.weight"
+HF_OUTPUT = "lm_head.weight"  # absent from the checkpoint of a model with tied embeddings
 
 # ---------------------------------------------------------------------------------------------
 # Language model (Megatron-Core GPTModel, local or TE spec with separate norm modules)
 # ---------------------------------------------------------------------------------------------
 LANGUAGE_ROWS: tuple[TensorMapping, ...] = (
-    _text("embedding.word_embeddings.weight", "model.embed_tokens.weight", Split.VOCAB),
+    _text("embedding.word_embeddings.weight", HF_EMBEDDING, Split.VOCAB),
     _text(_L + "input_layernorm.weight", _HL + "input_layernorm.weight", Split.REPLICATED),
     _text(_L + "self_attention.linear_qkv.weight",
           (_HL + "self_attn.q_proj.weight", _HL + "self_attn.k_proj.weight", _HL + "self_attn.v_proj.weight"),
@@ -112,12 +119,12 @@ LANGUAGE_ROWS: tuple[TensorMapping, ...] = (
     _text(_L + "pre_mlp_layernorm.weight", _HL + "post_attention_layernorm.weight", Split.REPLICATED),
     _text(_L + "mlp.linear_fc1.weight", (_HL + "mlp.gate_proj.weight", _HL + "mlp.up_proj.weight"), Split.GATE_UP),
     _text(_L + "mlp.linear_fc2.weight", _HL + "mlp.down_proj.weight", Split.ROW),
-    _text("decoder.final_layernorm.weight", "model.norm.weight", Split.REPLICATED),
-    _text("output_layer.weight", "lm_head.weight", Split.VOCAB),
+    _text("decoder.final_layernorm.weight", HF_FINAL_NORM, Split.REPLICATED),
+    _text("output_layer.weight", HF_OUTPUT, Split.VOCAB),
 )
 
 TIED_OUTPUT_MEGATRON = LANGUAGE_PREFIX + "output_layer.weight"
-TIED_OUTPUT_SOURCE = "model.embed_tokens.weight"
+TIED_OUTPUT_SOURCE = HF_EMBEDDING
 
 # ---------------------------------------------------------------------------------------------
 # Vision tower (megavrl.models.qwen2_5_vl.vision.Qwen2_5_VisionModel) -- the vision engineer's
@@ -159,6 +166,8 @@ ROWS: tuple[TensorMapping, ...] = LANGUAGE_ROWS + VISION_ROWS
 # Names
 # ---------------------------------------------------------------------------------------------
 _LAYOUT_ALIASES = (("model.visual.", "visual."), ("model.language_model.", "model."))
+# The first component of every HF name, in both layouts (transformers-5's names start with "model.").
+HF_PREFIXES = tuple(dict.fromkeys(name.split(".", 1)[0] + "." for row in ROWS for name in row.hf))
 
 
 def hf_aliases(published: str) -> tuple[str, ...]:
@@ -230,8 +239,7 @@ class AttentionGeometry:
 
 @dataclass(frozen=True)
 class MappingContext:
-    """The sizes the split rules need. Build it with
-    :func:`megavrl.models.qwen2_5_vl.config.mapping_context`."""
+    """The sizes the split rules need. Build it from the model's configs with :func:`mapping_context`."""
 
     tp_size: int
     vocab_size: int
@@ -245,6 +253,17 @@ class MappingContext:
         if geo is None:
             raise ValueError(f"MappingContext has no {component} attention geometry")
         return geo
+
+
+def mapping_context(configs: Qwen2_5_VLConfigs) -> MappingContext:
+    """The split rules' sizes of a model built at one TP layout
+    (:class:`megavrl.models.qwen2_5_vl.config.Qwen2_5_VLConfigs`, from ``build_configs``)."""
+    text, vision = configs.text, configs.vision_sizes
+    return MappingContext(
+        tp_size=configs.tp, vocab_size=text.vocab_size, padded_vocab_size=configs.padded_vocab_size,
+        language=AttentionGeometry(text.num_attention_heads, text.num_query_groups, text.kv_channels),
+        vision=AttentionGeometry(vision.num_heads, vision.num_heads, vision.head_dim),
+        tie_word_embeddings=text.tie_word_embeddings)
 
 
 # A piece: (index into the row's HF names, dim to slice or None for all, start, stop).

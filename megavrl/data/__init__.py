@@ -2,7 +2,7 @@
 
 - :mod:`megavrl.data.video`: ``VideoSampler`` (decord; qwen-vl-utils' frame and size rules).
 - :mod:`megavrl.data.preprocess`: ``preprocess_video`` / ``preprocess_images`` (HF processor outputs).
-- :mod:`megavrl.data.prompt`: ``PromptConfig``, ``PromptBuilder`` -> ``PreparedPrompt``; ``vllm_inputs``.
+- :mod:`megavrl.data.prompt`: ``PromptConfig``, ``PromptBuilder`` -> ``PreparedPrompt``.
 - :mod:`megavrl.data.schema`: the row schema (``Sample``), validation, ``SkipReport``.
 - :mod:`megavrl.data.readers`: Charades-STA, ActivityNet Captions, NExT-GQA, MVBench, Temporal-R1.
 - :mod:`megavrl.data.config`: ``DataConfig`` (YAML), ``DatasetSpec``, ``VideoConfig``.

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from megavrl.data.prompt import PromptConfig
-from megavrl.data.video import (FPS, FPS_MAX_FRAMES, FPS_MIN_FRAMES, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS,
-                                VIDEO_TOTAL_PIXELS, VideoSampler)
+from megavrl.data.video import FrameSampling, VideoSampler
 
 FORMATS = ("megavrl", "charades_sta", "activitynet_captions", "nextgqa", "mvbench", "temporal_r1")
 _SAMPLING = re.compile(r"^(all|(first|end|random):(\d+(?:\.\d+)?%?))$")
@@ -63,39 +62,16 @@ class DatasetSpec:
 
 
 @dataclass
-class VideoConfig:
+class VideoConfig(FrameSampling):
     """Frame sampling (defaults: qwen-vl-utils'). See :class:`megavrl.data.video.VideoSampler`.
 
     ``decode_threads``: decord threads per video (0: decord's automatic choice).
     """
 
-    fps: float = FPS
-    min_frames: int = FPS_MIN_FRAMES
-    max_frames: int = FPS_MAX_FRAMES
-    nframes: Optional[int] = None
-    min_pixels: int = VIDEO_MIN_PIXELS
-    max_pixels: int = VIDEO_MAX_PIXELS
-    total_pixels: int = VIDEO_TOTAL_PIXELS
     decode_threads: int = 1
 
     def __post_init__(self) -> None:
-        # The sampler checks these too, but only once a dataset is built; here they fail at load.
-        if self.nframes is None and not self.fps > 0:
-            raise ValueError(f"data.video.fps={self.fps} must be > 0 (or set data.video.nframes)")
-        if self.min_frames < 1:
-            raise ValueError(f"data.video.min_frames={self.min_frames} must be >= 1")
-        if self.max_frames < self.min_frames:
-            raise ValueError(f"data.video.max_frames={self.max_frames} is below data.video.min_frames="
-                             f"{self.min_frames}: raise data.video.max_frames or lower data.video.min_frames")
-        if self.nframes is not None and self.nframes < 1:
-            raise ValueError(f"data.video.nframes={self.nframes} must be >= 1 (or None to sample by fps)")
-        if self.min_pixels < 1:
-            raise ValueError(f"data.video.min_pixels={self.min_pixels} must be >= 1")
-        if self.max_pixels < self.min_pixels:
-            raise ValueError(f"data.video.max_pixels={self.max_pixels} is below data.video.min_pixels="
-                             f"{self.min_pixels}: raise data.video.max_pixels or lower data.video.min_pixels")
-        if self.total_pixels < 1:
-            raise ValueError(f"data.video.total_pixels={self.total_pixels} must be >= 1")
+        self.check("data.video.")  # the sampler checks too, but only once a dataset is built
 
     def sampler(self, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2) -> VideoSampler:
         return VideoSampler(fps=self.fps, min_frames=self.min_frames, max_frames=self.max_frames,

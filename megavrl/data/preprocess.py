@@ -36,7 +36,7 @@ class VisionSpec:
     """Patch geometry and normalisation of the Qwen2.5-VL vision input (the HF processor config).
 
     ``video_min_pixels`` / ``video_max_pixels`` are the HF video processor's own resize bounds:
-    used to tell vLLM's processor not to resize again (see ``megavrl.data.prompt.vllm_inputs``).
+    used to tell vLLM's processor not to resize again (see ``megavrl.rollout.inputs.rollout_prompt``).
     """
 
     patch_size: int = 14

@@ -1,4 +1,4 @@
-"""Prompts: chat template, video-token expansion, token ids, M-RoPE position ids, vLLM inputs.
+"""Prompts: chat template, video-token expansion, token ids, M-RoPE position ids.
 
 One :class:`PreparedPrompt` feeds both sides of a GRPO step, so the rollout engine and the
 trainer see the same pixels and the same tokens:
@@ -6,9 +6,9 @@ trainer see the same pixels and the same tokens:
 - the trainer takes ``input_ids`` (``<|video_pad|>`` expanded to one token per merged patch,
   exactly as ``Qwen2_5_VLProcessor`` expands it), ``position_ids``, ``pixel_values_videos``,
   ``video_grid_thw`` and ``second_per_grid_ts``;
-- vLLM takes :func:`vllm_inputs` (one ``<|video_pad|>`` placeholder, which vLLM expands, plus the
-  same uint8 frames and their metadata, and processor kwargs that stop its HF processor from
-  resampling or resizing them).
+- the rollout engine takes ``prompt_token_ids`` (one ``<|video_pad|>`` placeholder, which vLLM
+  expands), the same uint8 ``frames`` and their ``video_metadata``; the one adapter to the engine's
+  input is :func:`megavrl.rollout.inputs.rollout_prompt`.
 """
 from __future__ import annotations
 
@@ -222,17 +222,18 @@ class PromptBuilder:
 
         tokenizer = AutoTokenizer.from_pretrained(hf_dir)
         _load_chat_template(tokenizer, hf_dir)
-        with open(os.path.join(hf_dir, "config.json")) as f:
-            cfg = json.load(f)
-        vision = cfg.get("vision_config", {}) or {}
-        video_id = cfg.get("video_token_id", tokenizer.convert_tokens_to_ids("<|video_pad|>"))
-        image_id = cfg.get("image_token_id", tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+        from megavrl.models.qwen2_5_vl.config import load_hf_config
+
+        hf = load_hf_config(hf_dir)  # parsed once per process, shared with the model's configs
+        vision = hf.vision_config
+        video_id = getattr(hf, "video_token_id", None) or tokenizer.convert_tokens_to_ids("<|video_pad|>")
+        image_id = getattr(hf, "image_token_id", None) or tokenizer.convert_tokens_to_ids("<|image_pad|>")
         spec = VisionSpec.from_hf_dir(hf_dir)
-        if vision.get("spatial_merge_size") not in (None, spec.merge_size):
-            raise ValueError(f"{hf_dir}: vision_config.spatial_merge_size={vision['spatial_merge_size']} differs "
+        if getattr(vision, "spatial_merge_size", None) not in (None, spec.merge_size):
+            raise ValueError(f"{hf_dir}: vision_config.spatial_merge_size={vision.spatial_merge_size} differs "
                              f"from the processor's merge_size={spec.merge_size}")
         return cls(tokenizer, config, spec, video_token_id=video_id, image_token_id=image_id,
-                   tokens_per_second=vision.get("tokens_per_second", 2))
+                   tokens_per_second=getattr(vision, "tokens_per_second", 2))
 
     # ------------------------------------------------------------------------------ text
 
@@ -318,42 +319,3 @@ def _find_rope_index():
         log.warning("megavrl.models.qwen2_5_vl.rope_index is unavailable: prompts carry no position ids")
         return None
     return get_rope_index
-
-
-# ---------------------------------------------------------------------------------- vLLM
-
-
-def vllm_inputs(prepared: PreparedPrompt, use_token_ids: bool = True, pin_size: bool = True) -> dict:
-    """The prompt as vLLM's ``LLM.generate`` takes it (a ``TokensPrompt`` / ``TextPrompt`` dict).
-
-    Format::
-
-        {"prompt_token_ids": [...],          # one <|video_pad|> (or "prompt": str with use_token_ids=False)
-         "multi_modal_data": {"video": [(frames, metadata)]},
-         "mm_processor_kwargs": {"do_sample_frames": False,
-                                 "size": {"shortest_edge": H * W, "longest_edge": H * W}}}
-
-    - ``frames``: numpy uint8 ``[T, H, W, 3]`` (RGB), the same pixels as ``prepared.frames``;
-    - ``metadata``: transformers ``VideoMetadata`` fields (``fps`` of the file, ``frames_indices``,
-      ``total_num_frames`` of the clip, ``duration``, ``width``, ``height``, ``video_backend``). The
-      Qwen2.5-VL processor derives ``second_per_grid_ts`` from it (``2 / sampled_fps``); without it,
-      transformers 5 assumes 24 fps and M-RoPE time positions would differ from the trainer's;
-    - ``mm_processor_kwargs``: no frame sampling, and a pixel range pinned to the frames' own size,
-      so the processor's smart_resize leaves them untouched (vLLM's processor would otherwise resize
-      frames outside its own min/max pixels, with torchvision's uint8 kernel, not the float one).
-      ``pin_size=False`` leaves the size to the engine's processor config.
-
-    vLLM expands the placeholder to ``prepared.num_video_tokens`` tokens, giving ``prepared.input_ids``.
-    """
-    frames = prepared.frames.permute(0, 2, 3, 1).contiguous().numpy()
-    height, width = prepared.frames.shape[-2:]
-    kwargs: dict = {"do_sample_frames": False}
-    if pin_size:
-        kwargs["size"] = {"shortest_edge": int(height * width), "longest_edge": int(height * width)}
-    out: dict = {"multi_modal_data": {"video": [(frames, dict(prepared.video_metadata))]},
-                 "mm_processor_kwargs": kwargs}
-    if use_token_ids:
-        out["prompt_token_ids"] = list(prepared.prompt_token_ids)
-    else:
-        out["prompt"] = prepared.prompt
-    return out

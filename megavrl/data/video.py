@@ -17,7 +17,7 @@ One deliberate difference: qwen-vl-utils silently caps ``max_pixels`` at 768 * 2
 larger ``max_pixels`` is honoured (with the default it is the same cap).
 
 Frames come back as a ``torch.uint8`` tensor ``[T, C, H, W]`` (RGB), the layout of qwen-vl-utils and
-of the Hugging Face processors; :func:`megavrl.data.prompt.vllm_inputs` hands vLLM the same pixels as
+of the Hugging Face processors; :func:`megavrl.rollout.inputs.rollout_prompt` hands vLLM the same pixels as
 ``[T, H, W, C]`` numpy.
 """
 from __future__ import annotations
@@ -334,7 +334,36 @@ class SampledVideo:
 
 
 @dataclass
-class VideoSampler:
+class FrameSampling:
+    """How frames are sampled and sized (qwen-vl-utils' rules and defaults); shared by the
+    ``data.video`` config section and :class:`VideoSampler`. ``check(prefix)`` refuses values that
+    cannot work, naming each field as ``<prefix><field>``."""
+
+    fps: float = FPS
+    min_frames: int = FPS_MIN_FRAMES
+    max_frames: int = FPS_MAX_FRAMES
+    nframes: Optional[int] = None
+    min_pixels: int = VIDEO_MIN_PIXELS
+    max_pixels: int = VIDEO_MAX_PIXELS
+    total_pixels: int = VIDEO_TOTAL_PIXELS
+
+    def check(self, prefix: str = "") -> None:
+        p = prefix
+        if self.nframes is None and not self.fps > 0:
+            raise ValueError(f"{p}fps={self.fps} must be > 0 (or set {p}nframes)")
+        if self.nframes is not None and self.nframes < 1:
+            raise ValueError(f"{p}nframes={self.nframes} must be >= 1 (or None to sample by fps)")
+        for name in ("min_frames", "min_pixels", "total_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{p}{name}={getattr(self, name)} must be >= 1")
+        for low, high in (("min_frames", "max_frames"), ("min_pixels", "max_pixels")):
+            if getattr(self, high) < getattr(self, low):
+                raise ValueError(f"{p}{high}={getattr(self, high)} is below {p}{low}={getattr(self, low)}: "
+                                 f"raise {p}{high} or lower {p}{low}")
+
+
+@dataclass
+class VideoSampler(FrameSampling):
     """Frame sampling settings; call it on a path to get a :class:`SampledVideo`.
 
     Fields (defaults are qwen-vl-utils'):
@@ -350,25 +379,13 @@ class VideoSampler:
             dataset's other decoding workers; the pixels do not depend on it.
     """
 
-    fps: float = FPS
-    min_frames: int = FPS_MIN_FRAMES
-    max_frames: int = FPS_MAX_FRAMES
-    nframes: Optional[int] = None
-    min_pixels: int = VIDEO_MIN_PIXELS
-    max_pixels: int = VIDEO_MAX_PIXELS
-    total_pixels: int = VIDEO_TOTAL_PIXELS
     patch_size: int = PATCH_SIZE
     merge_size: int = SPATIAL_MERGE_SIZE
     temporal_patch_size: int = FRAME_FACTOR
     num_threads: int = 1
 
     def __post_init__(self) -> None:
-        if self.nframes is None and not self.fps > 0:
-            raise ValueError(f"video fps={self.fps} must be > 0 (or set nframes)")
-        if self.min_frames < 1 or self.max_frames < self.min_frames:
-            raise ValueError(f"need 1 <= min_frames <= max_frames, got {self.min_frames}, {self.max_frames}")
-        if self.max_pixels < self.min_pixels:
-            raise ValueError(f"max_pixels={self.max_pixels} must be >= min_pixels={self.min_pixels}")
+        self.check()
 
     @property
     def factor(self) -> int:

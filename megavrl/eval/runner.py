@@ -24,46 +24,54 @@ def run_eval(engine, cfg, builder, out_dir: str | Path, batch_size: int = 64) ->
     Writes predictions.jsonl, metrics.json and metrics.md into ``out_dir``. Rows whose video
     cannot be decoded are skipped and counted by the dataset (reported in its summary line).
     """
-    from tqdm import tqdm
-
-    from megavrl.data.datasets import VideoTaskDataset
-    from megavrl.eval.metrics import flatten_metrics
-    from megavrl.eval.predictions import evaluate_predictions, prediction_record
-    from megavrl.eval.report import write_report
-    from megavrl.rl.experience import rollout_prompt
-
     t0 = time.perf_counter()
-    dataset = VideoTaskDataset(cfg.data, builder=builder, split="val", epochs=1)
-    limit = cfg.eval.max_samples
-    total = len(dataset) if limit is None else min(limit, len(dataset))
-    max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
-    records, batch = [], []
-    bar = tqdm(total=total, desc="eval", unit="row", mininterval=2.0)
+    records = predict(engine, cfg, builder, batch_size=batch_size)
+    return report(records, cfg, out_dir, seconds=time.perf_counter() - t0)
 
-    def flush():
-        groups = engine.generate([rollout_prompt(p, i) for i, p in enumerate(batch)], n=1,
-                                 temperature=cfg.eval.temperature, max_new_tokens=max_new)
+
+def predict(engine, cfg, builder, shard: int = 0, shards: int = 1, batch_size: int = 64) -> list[dict]:
+    """Prediction records of data.val rows ``shard, shard + shards, ...`` (of the first
+    ``eval.max_samples``), decoded greedily (``eval.temperature``) by ``engine``. The shards of
+    several engines, interleaved (:func:`megavrl.rl.placement.interleave`), give one engine's records."""
+    from megavrl.data.datasets import VideoTaskDataset
+    from megavrl.eval.predictions import prediction_record
+    from megavrl.rollout.batched import rollout_batches
+
+    from megavrl.data.schema import EmptyDatasetError
+
+    try:
+        dataset = VideoTaskDataset(cfg.data, builder=builder, split="val", epochs=1, rank=shard, world_size=shards)
+    except EmptyDatasetError:
+        if shards == 1:
+            raise
+        return []  # fewer rows than engines: this one has none
+    limit = cfg.eval.max_samples
+    rows = len(dataset.epoch_order(0)) if limit is None else min(limit, len(dataset.epoch_order(0)))
+    total = len(range(shard, rows, shards))
+    desc = "eval" if shards == 1 else f"eval (shard {shard + 1} of {shards})"
+    records = []
+    for batch, groups in rollout_batches(engine, dataset, total=total, desc=desc, batch_size=batch_size, n=1,
+                                         temperature=cfg.eval.temperature,
+                                         max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens):
         for p, g in zip(batch, groups):
             records.append(prediction_record(p.sample, g.samples[0].text if g.samples else "",
                                              benchmark=benchmark_name(p.sample)))
-        bar.update(len(batch))
-        batch.clear()
+    return records
 
-    for prepared in dataset:
-        batch.append(prepared)
-        if len(batch) == batch_size or len(records) + len(batch) == total:
-            flush()
-        if len(records) >= total:
-            break
-    if batch:
-        flush()
-    bar.close()
+
+def report(records: list[dict], cfg, out_dir: str | Path, seconds: float) -> dict:
+    """Score prediction records, write predictions.jsonl, metrics.json and metrics.md into
+    ``out_dir``; return flat metrics (``<benchmark>/<metric>``, ``rows``, ``seconds``)."""
+    from megavrl.eval.metrics import flatten_metrics
+    from megavrl.eval.predictions import evaluate_predictions
+    from megavrl.eval.report import write_report
+
     scored, metrics = evaluate_predictions(records, cfg.reward)
     paths = write_report(out_dir, scored, metrics)
     flat = flatten_metrics(metrics, prefix="")
     flat = {k.lstrip("/"): v for k, v in flat.items()}
     flat["rows"] = len(records)
-    flat["seconds"] = time.perf_counter() - t0
+    flat["seconds"] = seconds
     log.info("eval: %d rows in %.1f s, overall %s; report in %s", len(records), flat["seconds"],
              metrics.get("overall", {}).get("mean_primary"), paths["markdown"])
     return flat

@@ -1,8 +1,9 @@
 """The reward section of the config: one dataclass, reused by ``megavrl.config`` (one source of truth)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+
+from megavrl.config_base import check_choice, check_number
 
 ANSWER_POSITIONS = ("last", "first")
 FORMAT_MODES = ("strict", "lenient")
@@ -52,18 +53,11 @@ class RewardConfig:
     preset: str = "megavrl"
 
     def __post_init__(self) -> None:
-        _check_choice("reward.answer_position", self.answer_position, ANSWER_POSITIONS)
-        _check_choice("reward.format_mode", self.format_mode, FORMAT_MODES)
-        _check_choice("reward.timestamp_unit", self.timestamp_unit, TIMESTAMP_UNITS)
-        _check_choice("reward.preset", self.preset, PRESETS)
+        check_choice("reward.answer_position", self.answer_position, ANSWER_POSITIONS)
+        check_choice("reward.format_mode", self.format_mode, FORMAT_MODES)
+        check_choice("reward.timestamp_unit", self.timestamp_unit, TIMESTAMP_UNITS)
+        check_choice("reward.preset", self.preset, PRESETS)
         if not isinstance(self.format_needs_answer, bool):
             raise ValueError(f"reward.format_needs_answer={self.format_needs_answer!r} must be true or false")
         for name in ("format_weight", "iou_weight", "choice_weight", "gqa_choice_weight", "gqa_iou_weight"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"reward.{name}={value!r} must be a finite number")
-
-
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+            check_number(f"reward.{name}", getattr(self, name))

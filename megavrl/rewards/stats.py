@@ -1,6 +1,7 @@
 """Running reward statistics for logging: means per task and component, parse-failure counts."""
 from __future__ import annotations
 
+import statistics
 from collections import defaultdict
 from typing import Iterable, Optional
 
@@ -12,7 +13,8 @@ class RewardStats:
 
     ``summary()`` keys (with the default prefix "reward/"):
       ``reward/total`` (mean over all results), ``reward/count``, ``reward/parse_failures``,
-      ``reward/parse_fail_rate``, ``reward/invalid_samples``, and per task ``reward/<task>/total``,
+      ``reward/parse_fail_rate``, ``reward/invalid_samples``, ``reward/std`` (population standard
+      deviation of the totals), and per task ``reward/<task>/total``, ``reward/<task>/std``,
       ``reward/<task>/<component>`` (unweighted means), ``reward/<task>/count``,
       ``reward/<task>/parse_failures``, ``reward/<task>/parse_fail_rate``. Invalid samples (bad
       ground truth) are counted apart and excluded from the parse failures.
@@ -27,6 +29,7 @@ class RewardStats:
         """Forget everything."""
         self.count: dict[str, int] = defaultdict(int)
         self.total_sum: dict[str, float] = defaultdict(float)
+        self.totals: dict[str, list[float]] = defaultdict(list)  # for the standard deviations
         self.component_sum: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.component_count: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.parse_failures: dict[str, int] = defaultdict(int)
@@ -37,6 +40,7 @@ class RewardStats:
         """Count one result of ``task``."""
         self.count[task] += 1
         self.total_sum[task] += float(result.total)
+        self.totals[task].append(float(result.total))
         for name, value in result.components.items():
             self.component_sum[task][name] += float(value)
             self.component_count[task][name] += 1
@@ -60,6 +64,7 @@ class RewardStats:
         for task, n in other.count.items():
             self.count[task] += n
             self.total_sum[task] += other.total_sum[task]
+            self.totals[task].extend(other.totals.get(task, ()))
             self.parse_failures[task] += other.parse_failures.get(task, 0)
             self.invalid_samples[task] += other.invalid_samples.get(task, 0)
             for name, value in other.component_sum[task].items():
@@ -75,6 +80,7 @@ class RewardStats:
         fails = sum(self.parse_failures.values())
         out[f"{prefix}count"] = float(n_all)
         out[f"{prefix}total"] = _mean(sum(self.total_sum.values()), n_all)
+        out[f"{prefix}std"] = _std([x for xs in self.totals.values() for x in xs])
         out[f"{prefix}parse_failures"] = float(fails)
         out[f"{prefix}parse_fail_rate"] = _mean(fails, n_all)
         out[f"{prefix}invalid_samples"] = float(sum(self.invalid_samples.values()))
@@ -82,6 +88,7 @@ class RewardStats:
             n = self.count[task]
             out[f"{prefix}{task}/count"] = float(n)
             out[f"{prefix}{task}/total"] = _mean(self.total_sum[task], n)
+            out[f"{prefix}{task}/std"] = _std(self.totals[task])
             out[f"{prefix}{task}/parse_failures"] = float(self.parse_failures.get(task, 0))
             out[f"{prefix}{task}/parse_fail_rate"] = _mean(self.parse_failures.get(task, 0), n)
             for name in sorted(self.component_sum[task]):
@@ -92,3 +99,8 @@ class RewardStats:
 
 def _mean(total: float, n: Optional[int]) -> float:
     return float(total) / n if n else 0.0
+
+
+def _std(values: list[float]) -> float:
+    """Population standard deviation (0.0 for fewer than two values)."""
+    return float(statistics.pstdev(values)) if len(values) > 1 else 0.0

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from megavrl.dtypes import resolve_dtype
 from megavrl.log import get_logger
 from megavrl.models.qwen2_5_vl.model import MODEL_INPUTS as MODEL_KEYS
 
@@ -27,12 +28,6 @@ log = get_logger(__name__)
 
 # loss_fn(batch, logprobs [b, S], entropy [b, S]) -> (loss scalar, metrics dict of floats)
 LossFn = Callable[[dict, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 @dataclass
@@ -55,6 +50,7 @@ class MegatronActor:
                  optimizer_config=None, total_steps: int = 1, use_distributed_optimizer: bool = False,
                  megatron_ckpt: str | None = None, rope_convention: str = "qwen"):
         from megavrl.checkpoint.hf_io import load_hf_weights
+        from megavrl.checkpoint.mapping import mapping_context
         from megavrl.models.qwen2_5_vl.config import build_configs
         from megavrl.models.qwen2_5_vl.model import Qwen2_5_VLModel
 
@@ -71,7 +67,7 @@ class MegatronActor:
         if megatron_ckpt:
             self.load_megatron(megatron_ckpt)
         else:
-            load_hf_weights(self.model, hf_dir, self.configs.mapping_context())
+            load_hf_weights(self.model, hf_dir, mapping_context(self.configs))
         self.optim = None
         if trainable:
             from megatron.core.distributed import finalize_model_grads
@@ -202,11 +198,30 @@ class MegatronActor:
         load_megatron_weights(self.model, ckpt)
 
     def export_hf_ranks0(self, dtype: torch.dtype | None = None):
-        """Stream of (published HF name, full tensor) yielded on global rank 0 (weight sync, HF
-        export). Every rank must exhaust it: the others drive the PP broadcasts and TP gathers."""
+        """Stream of (published HF name, full tensor) yielded on the first rank of this model replica
+        (TP rank 0, PP rank 0; global rank 0 in the first replica), for the weight sync. Every rank of
+        the replica must exhaust it: the others drive the PP broadcasts and TP gathers."""
         from megavrl.checkpoint.hf_io import export_hf_weights
+        from megavrl.checkpoint.mapping import mapping_context
 
-        return export_hf_weights(self.model, self.configs.mapping_context(), ranks="rank0", dtype=dtype)
+        return export_hf_weights(self.model, mapping_context(self.configs), ranks="first", dtype=dtype)
+
+    def sync_weights_into(self, engine, rpc_guard=None):
+        """Stream the weights into a rollout engine: the weight sync after every update (the trainer,
+        ``megavrl check-sync``). Every rank of the replica calls it, with the engine on the replica's
+        first rank and None elsewhere; returns the engine's SyncStats there, None elsewhere. If the engine fails,
+        the stream is still exhausted, so the other ranks finish the export's collectives."""
+        stream = self.export_hf_ranks0()
+        if engine is None:
+            for _ in stream:  # drive the PP broadcasts and TP gathers
+                pass
+            return None
+        try:
+            return engine.update_weights(stream, rpc_guard=rpc_guard)
+        except BaseException:
+            for _ in stream:
+                pass
+            raise
 
 
 def all_ranks_agree(flag: bool) -> bool:

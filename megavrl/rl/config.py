@@ -1,9 +1,11 @@
-"""The algorithm and selection sections of the config: dataclasses reused by ``megavrl.config``."""
+"""The training sections of the config: ``algorithm`` (GRPO / SFT), ``selection``, ``optimizer``,
+``trainer`` and ``logging``. ``megavrl.config`` assembles them with the other subsystems' sections."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Optional
+
+from megavrl.config_base import ConfigError, check_choice, check_number
 
 ADVANTAGE_MODES = ("grpo", "drgrpo", "rloo")
 STD_MODES = ("unbiased", "biased")
@@ -50,28 +52,28 @@ class GRPOConfig:
     tis_cap: Optional[float] = None
 
     def __post_init__(self) -> None:
-        _check_choice("algorithm.advantage", self.advantage, ADVANTAGE_MODES)
-        _check_choice("algorithm.adv_std", self.adv_std, STD_MODES)
-        _check_choice("algorithm.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        _check_choice("algorithm.loss_agg", self.loss_agg, LOSS_AGG_MODES)
-        _check_number("algorithm.adv_epsilon", self.adv_epsilon, minimum=0.0)
-        _check_number("algorithm.clip_low", self.clip_low, minimum=0.0)
+        check_choice("algorithm.advantage", self.advantage, ADVANTAGE_MODES)
+        check_choice("algorithm.adv_std", self.adv_std, STD_MODES)
+        check_choice("algorithm.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        check_choice("algorithm.loss_agg", self.loss_agg, LOSS_AGG_MODES)
+        check_number("algorithm.adv_epsilon", self.adv_epsilon, minimum=0.0)
+        check_number("algorithm.clip_low", self.clip_low, minimum=0.0)
         if self.clip_low >= 1.0:
-            raise ValueError(f"algorithm.clip_low={self.clip_low} must be < 1 "
+            raise ConfigError(f"algorithm.clip_low={self.clip_low} must be < 1 "
                              f"(the ratio's lower bound is 1 - clip_low)")
-        _check_number("algorithm.clip_high", self.clip_high, minimum=0.0)
+        check_number("algorithm.clip_high", self.clip_high, minimum=0.0)
         if self.dual_clip is not None:
-            _check_number("algorithm.dual_clip", self.dual_clip)
+            check_number("algorithm.dual_clip", self.dual_clip)
             if self.dual_clip <= 1.0:
-                raise ValueError(f"algorithm.dual_clip={self.dual_clip} must be > 1, or None to disable it")
-        _check_number("algorithm.kl_coef", self.kl_coef, minimum=0.0)
+                raise ConfigError(f"algorithm.dual_clip={self.dual_clip} must be > 1, or None to disable it")
+        check_number("algorithm.kl_coef", self.kl_coef, minimum=0.0)
         if self.kl_clamp is not None:
-            _check_number("algorithm.kl_clamp", self.kl_clamp, minimum=0.0)
-        _check_number("algorithm.entropy_coef", self.entropy_coef)
+            check_number("algorithm.kl_clamp", self.kl_clamp, minimum=0.0)
+        check_number("algorithm.entropy_coef", self.entropy_coef)
         if self.tis_cap is not None:
-            _check_number("algorithm.tis_cap", self.tis_cap)
+            check_number("algorithm.tis_cap", self.tis_cap)
             if self.tis_cap <= 0:
-                raise ValueError(f"algorithm.tis_cap={self.tis_cap} must be > 0, or None to disable it")
+                raise ConfigError(f"algorithm.tis_cap={self.tis_cap} must be > 0, or None to disable it")
 
     def advantage_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``group_advantages``: mode, eps, std."""
@@ -112,14 +114,14 @@ class SelectionConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"selection.k={self.k!r} must be a positive integer (rollouts per row)")
-        _check_number("selection.min_variance", self.min_variance, minimum=0.0)
+            raise ConfigError(f"selection.k={self.k!r} must be a positive integer (rollouts per row)")
+        check_number("selection.min_variance", self.min_variance, minimum=0.0)
         if self.top_fraction is not None:
-            _check_number("selection.top_fraction", self.top_fraction)
+            check_number("selection.top_fraction", self.top_fraction)
             if not 0.0 < self.top_fraction <= 1.0:
-                raise ValueError(f"selection.top_fraction={self.top_fraction} must be in (0, 1], or None")
+                raise ConfigError(f"selection.top_fraction={self.top_fraction} must be in (0, 1], or None")
         if not isinstance(self.max_refills, int) or self.max_refills < 0:
-            raise ValueError(f"selection.max_refills={self.max_refills!r} must be a non-negative integer")
+            raise ConfigError(f"selection.max_refills={self.max_refills!r} must be a non-negative integer")
 
     def select_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``select_by_reward_variance`` (all fields but max_refills)."""
@@ -127,13 +129,66 @@ class SelectionConfig:
                 "top_fraction": self.top_fraction, "balance_tasks": self.balance_tasks, "seed": self.seed}
 
 
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+@dataclass
+class AlgorithmConfig(GRPOConfig):
+    """The ``algorithm`` section: the GRPO loss options plus how a step uses its rollouts."""
+
+    name: str = "grpo"
+    """grpo | sft (cross-entropy on the reference answers: the paper's SFT baseline and warm start)."""
+    ppo_epochs: int = 1
+    """Passes over each step's rollouts."""
+    mini_batches: int = 1
+    """Optimizer steps per epoch (the step's sequences are split into this many mini-batches)."""
+    filter_zero_variance: bool = False
+    """Drop prompt groups whose n rewards are all equal and refill from the data queue
+    (at most selection.max_refills groups per step)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.name not in ("grpo", "sft"):
+            raise ConfigError(f"algorithm.name={self.name!r} is not one of 'grpo', 'sft'")
+        for key in ("ppo_epochs", "mini_batches"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"algorithm.{key}={getattr(self, key)} must be >= 1")
 
 
-def _check_number(name: str, value: object, minimum: Optional[float] = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} must be a finite number")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name}={value!r} must be >= {minimum}")
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_warmup_steps: int = 0
+    lr_decay_style: str = "constant"
+    """constant | linear | cosine (decay over trainer.total_steps)."""
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 100
+    prompts_per_step: int = 16
+    micro_batch_size: int = 1
+    """Sequences per micro-batch of Megatron's forward-backward schedule."""
+    seed: int = 1234
+    eval_every: int = 0
+    """Steps between evaluations (0: only before and after training)."""
+    max_consecutive_nonfinite: int = 3
+    """Stop after this many steps in a row whose loss was NaN/inf (each is skipped and counted)."""
+    preemption_grace_s: float = 120.0
+    """Seconds from a stop signal (SIGTERM, SIGINT, SIGHUP, SIGUSR1) to a complete checkpoint. The
+    step in flight is finished, or abandoned if its update has not started, then a checkpoint is
+    written; a process still alive after this many seconds exits without one (the previous
+    checkpoint stays). The launcher passes it to torchrun as --shutdown-timeout; on Slurm keep it
+    below the --signal lead time."""
+    output_dir: str = "runs/megavrl"
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard_dir: Optional[str] = None
+    """Default: <trainer.output_dir>/tensorboard."""
+    log_every: int = 1
+    """Steps between console lines (TensorBoard gets every step)."""

@@ -1,13 +1,13 @@
 """From prepared prompts and rollouts to training sequences (pure functions, no engine, no model).
 
-The GRPO step: ``rollout_prompt`` hands each :class:`PreparedPrompt` to the vLLM engine,
-``score_groups`` rewards every response, ``group_advantages`` (megavrl.rl) turns rewards into
-advantages, and ``grpo_sequences`` pairs each response with the exact prompt tokens and pixels
-the trainer must re-score. SFT uses ``sft_sequences`` with :func:`reference_response`.
+The GRPO step: :func:`megavrl.rollout.inputs.rollout_prompt` hands each :class:`PreparedPrompt`
+to the rollout engine, ``score_groups`` rewards every response, ``group_advantages`` (megavrl.rl)
+turns rewards into advantages, and ``grpo_sequences`` pairs each response with the exact prompt
+tokens and pixels the trainer must re-score. SFT uses ``sft_sequences`` with :func:`reference_response`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,17 +15,6 @@ from megavrl.log import get_logger
 from megavrl.rl.batch import TrainSequence
 
 log = get_logger(__name__)
-
-
-def rollout_prompt(prepared, index: int | None = None):
-    """The rollout engine's input for one prepared prompt: the same frames, one video placeholder."""
-    from megavrl.data.prompt import vllm_inputs
-    from megavrl.rollout.inputs import RolloutPrompt
-
-    vin = vllm_inputs(prepared)
-    return RolloutPrompt(prompt_token_ids=vin["prompt_token_ids"], videos=vin["multi_modal_data"]["video"],
-                         mm_processor_kwargs=vin["mm_processor_kwargs"],
-                         meta={"id": prepared.sample.id, "index": index})
 
 
 def prompt_positions(prepared) -> dict:
@@ -54,6 +43,93 @@ def score_groups(groups, prepared: list, reward_config) -> list[list]:
 
     return [[score(p.sample.task, s.text, ground_truth(p.sample), reward_config) for s in g.samples]
             for g, p in zip(groups, prepared)]
+
+
+def sample(engine, prepared: list, seeds: list[int]) -> list:
+    """Roll out every prepared prompt (``rollout.n`` responses each) with its own sampling seed:
+    one RolloutGroup per prompt."""
+    from megavrl.rollout.inputs import rollout_prompt
+
+    return engine.generate([rollout_prompt(p, i) for i, p in enumerate(prepared)], seed=seeds)
+
+
+def keep_informative(groups: list, prepared: list, rewards: list[list], n_prompts: int,
+                     max_refills: int | None) -> tuple[list[tuple], dict]:
+    """The step's ``(group, prepared, rewards)`` triples. With ``max_refills`` (the zero-variance
+    filter on), groups whose n rewards are all equal are dropped and replaced from the spare
+    prompts beyond ``n_prompts``, at most ``max_refills`` of them; without it the spares are unused."""
+    from megavrl.rl.selection import ZeroVarianceFilter
+
+    triples = list(zip(groups, prepared, rewards))
+    if max_refills is None:
+        return triples[:n_prompts], {}
+    zf = ZeroVarianceFilter(max_refills=max_refills, rewards_of=lambda t: t[2])
+    zf.push(triples[n_prompts:])
+    kept = zf.filter(triples[:n_prompts])
+    return list(kept.groups), {"filter/dropped_groups": kept.num_dropped, "filter/refilled_groups": kept.num_refilled,
+                               "filter/kept_groups": len(kept.groups)}
+
+
+@dataclass
+class EngineShare:
+    """What one engine's share of a step adds to the step's metrics: picklable, no pixels. The
+    shares of all engines, put back in the step's order, give the metrics one engine would give."""
+
+    tasks: list = field(default_factory=list)
+    """Task of each scored prompt (the engine's share of ``prompts_per_step``, spares excluded)."""
+    rewards: list = field(default_factory=list)
+    """RewardResults of those prompts' responses: [prompt][n]."""
+    filter_counts: dict = field(default_factory=dict)
+    kept_totals: list = field(default_factory=list)
+    """Reward totals of the groups kept for training: [group][n]."""
+    response_lengths: list = field(default_factory=list)
+    """Per kept group: the sampled responses' lengths in tokens."""
+    truncated: list = field(default_factory=list)
+    """Per kept group: how many responses stopped at max_new_tokens."""
+    prompt_lengths: list = field(default_factory=list)
+    """Per kept group: prompt tokens."""
+    mismatched_prompts: int = 0
+    skipped_rows: int = 0
+    """Rows this engine's data shard has skipped so far (bad videos, malformed rows)."""
+    train_tokens: int = 0
+    """Tokens of the training sequences built from this share."""
+
+
+def share_metrics(shares: list[EngineShare], advantage_kwargs: dict | None) -> dict:
+    """The step's experience metrics from every engine's share (in engine order); the GRPO
+    metrics only with ``advantage_kwargs`` (None: SFT)."""
+    from megavrl.rl.placement import interleave
+
+    metrics: dict = {"data/skipped": sum(s.skipped_rows for s in shares)}
+    if advantage_kwargs is None:
+        return metrics
+    tasks, rewards = interleave([s.tasks for s in shares]), interleave([s.rewards for s in shares])
+    from megavrl.rewards import RewardStats
+
+    stats = RewardStats()
+    for task, rs in zip(tasks, rewards):
+        stats.add_many([task] * len(rs), rs)
+    metrics.update(stats.summary(prefix="reward/"))
+    for key in sorted({k for s in shares for k in s.filter_counts}):
+        metrics[key] = sum(s.filter_counts.get(key, 0) for s in shares)
+    kept = interleave([s.kept_totals for s in shares])
+    if kept:
+        from megavrl.rl.advantages import group_advantages
+
+        totals = torch.tensor(kept, dtype=torch.float32)
+        adv, zero_var = group_advantages(totals, **advantage_kwargs)
+        lengths = torch.tensor([x for g in interleave([s.response_lengths for s in shares]) for x in g],
+                               dtype=torch.float32)
+        prompt_lengths = interleave([s.prompt_lengths for s in shares])
+        metrics.update({
+            "advantage/mean": float(adv.mean()), "advantage/abs_mean": float(adv.abs().mean()),
+            "advantage/zero_variance_groups": int(zero_var.sum()),
+            "reward/group_std": float(totals.std(dim=1, unbiased=False).mean()),
+            "response_len/mean": float(lengths.mean()), "response_len/max": float(lengths.max()),
+            "response_len/truncated_fraction": sum(sum(s.truncated) for s in shares) / max(1, len(lengths)),
+            "prompt_len/mean": sum(prompt_lengths) / len(prompt_lengths)})
+    metrics["data/prompt_token_mismatch"] = sum(s.mismatched_prompts for s in shares)
+    return metrics
 
 
 @dataclass

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megavrl.config import OptimizerConfig as MegavrlOptimizerConfig
+from megavrl.rl.config import OptimizerConfig as MegavrlOptimizerConfig
 from megavrl.log import get_logger
 
 log = get_logger(__name__)

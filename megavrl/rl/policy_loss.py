@@ -229,3 +229,19 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     metrics["num_tokens"] = valid.sum().to(logprobs.dtype)
     values = torch.stack([value.to(torch.float64) for value in metrics.values()]).tolist()
     return loss, dict(zip(metrics, values))
+
+
+def sft_loss(logprobs: torch.Tensor, loss_mask: torch.Tensor, num_tokens: Number,
+             entropy: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy on the response tokens (the SFT baseline and warm start).
+
+    ``num_tokens`` is the response-token count of the whole mini-batch (every micro-batch, every
+    data-parallel rank), so that summing the micro-batches' losses gives the token mean of the
+    mini-batch, as ``policy_loss``'s global normalisers do.
+    """
+    nll = -(logprobs * loss_mask).sum() / num_tokens
+    metrics = {"loss": nll.item()}
+    if entropy is not None:
+        metrics["entropy"] = ((entropy.detach() * loss_mask).sum() / num_tokens).item()
+    metrics["num_tokens"] = float(loss_mask.sum())
+    return nll, metrics

@@ -1,10 +1,13 @@
 """``megavrl train``: GRPO (or SFT) of Qwen2.5-VL on Megatron-Core with vLLM rollouts.
 
-Placement: every process holds its TP/PP shard of the actor (and of the frozen reference);
-global rank 0 also holds the data stream and the vLLM engine. Each step, rank 0 samples the
-prompts, rolls them out, scores them and turns them into training sequences, which are
-broadcast; every data-parallel rank trains on its share; the updated weights stream back into
-vLLM (PP broadcast + TP gather into full HF tensors, bucketed). One step:
+Placement (:mod:`megavrl.rl.placement`): every process holds its TP/PP shard of the actor (and of
+the frozen reference). ``rollout.engines`` vLLM engines (default one per data-parallel replica)
+each live on the first rank of their replica, with that engine's shard of the data stream. Each
+step, every engine host takes its share of the step's prompts, rolls them out, scores them and
+turns them into training sequences, which go to the ranks of its own replicas only; the metrics
+are reduced over the engines; every data-parallel rank trains on its share with normalisers over
+the whole step; the updated weights stream from each replica into its own engine (PP broadcast +
+TP gather into full HF tensors, bucketed). One step:
 
     prompts -> rollout (n per prompt) -> rewards -> zero-variance filter -> advantages
       -> old / reference log-probs -> ppo_epochs x mini_batches of forward-backward + optimizer step
@@ -22,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from megavrl.config import Config, dump_yaml, to_dict
+from megavrl.config_base import dump_yaml, to_dict
 from megavrl.log import get_logger
 from megavrl.parallel.collectives import broadcast_object, global_rank
-from megavrl.rl.batch import TrainSequence, collate, padded_length, split_micro_batches
+from megavrl.rl.batch import TrainSequence, collate_micro_batches, padded_length, shard_for_data_parallel
 
 log = get_logger(__name__)
 
@@ -70,28 +73,15 @@ class PhaseTimer:
         return {f"time/{k}": v for k, v in self.seconds.items()}
 
 
-def shard_for_data_parallel(sequences: list[TrainSequence], dp_rank: int, dp: int, micro_batch_size: int,
-                            pad_id: int) -> list[list[TrainSequence]]:
-    """This DP rank's micro-batches: sequences dealt round-robin, every micro-batch exactly
-    ``micro_batch_size`` long (padding sequences, which carry no loss, fill the gaps), and the same
-    number of micro-batches on every rank."""
-    per_rank = math.ceil(len(sequences) / dp)
-    n_micro = max(1, math.ceil(per_rank / micro_batch_size))
-    mine = sequences[dp_rank::dp]
-    filler = TrainSequence(input_ids=[pad_id, pad_id], prompt_len=1, info={"padding": True})
-    mine = mine + [filler] * (n_micro * micro_batch_size - len(mine))
-    return split_micro_batches(mine, micro_batch_size)
+_FILLER = TrainSequence(input_ids=[0, 0], prompt_len=1, info={"padding": True})
 
 
-def _collate_all(micro: list[list[TrainSequence]], pad_id: int, seq_len: int) -> list[dict]:
-    batches = []
-    for seqs in micro:
-        batch = collate(seqs, pad_id, seq_len)
-        for i, s in enumerate(seqs):
-            if s.info.get("padding"):
-                batch["loss_mask"][i] = 0.0
-        batches.append(batch)
-    return batches
+def _outcome(experience):
+    """What every rank learns of an engine host's experience: its metrics share (EngineShare), None
+    (abandoned on a stop signal) or the failure."""
+    if experience is None or isinstance(experience, _Rank0Failure):
+        return experience
+    return experience[1]
 
 
 class NonFiniteStop(RuntimeError):
@@ -117,12 +107,12 @@ def _first_line(e: BaseException) -> str:
 
 
 class Trainer:
-    """One training run. ``engine``: an already started RolloutEngine to reuse (rank 0; tools and
+    """One training run of a :class:`megavrl.config.Config`. ``engine``: an already started RolloutEngine to reuse (rank 0; tools and
     tests running several trainings in one process); its weights are replaced by the actor's."""
 
-    def __init__(self, cfg: Config, engine=None):
+    def __init__(self, cfg, engine=None):
         from megavrl.checkpoint.manager import CheckpointManager
-        from megavrl.config import validate
+        from megavrl.parallel.config import validate_parallel
         from megavrl.parallel.distributed import init_distributed
         from megavrl.rl.actor import MegatronActor
         from megavrl.run_metrics import MetricsWriter
@@ -130,8 +120,13 @@ class Trainer:
         self.cfg = cfg
         backend = None if cfg.parallel.backend == "auto" else cfg.parallel.backend
         self.layout = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.trainer.seed, backend=backend)
-        validate(cfg, world_size=self.layout.world_size)
+        validate_parallel(cfg.parallel, world_size=self.layout.world_size)  # the rest: once, by the command
         self.grpo = cfg.algorithm.name == "grpo"
+        # The recipe, chosen once: GRPO samples, scores and trains on its own responses; SFT trains on
+        # the reference answers and needs the engine only to evaluate.
+        self._experience_of_step = self._grpo_experience if self.grpo else self._sft_experience
+        self._loss_fn = self._grpo_loss if self.grpo else self._sft_loss
+        self.needs_engine = self.grpo or bool(cfg.data.val)
         out = Path(cfg.trainer.output_dir)
         self.output_dir = out
         self.ckpt_dir = Path(cfg.checkpoint.dir or out / "checkpoints")
@@ -156,11 +151,12 @@ class Trainer:
 
         self.tokenizer = self._tokenizer()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.placement = self._place_engines()
         self.dataset = self.data_iter = None
-        self.engine = engine if global_rank() == 0 else None
+        self.engine = engine if self.placement.hosts_engine else None
         self._owns_engine = engine is None
-        if global_rank() == 0:
-            self._build_rank0()
+        if self.placement.hosts_engine:
+            self._build_engine_host()
         self.ckpt = CheckpointManager(self.ckpt_dir, keep_last=cfg.checkpoint.keep_last)
         self._preemption = None  # the stop-signal handler while run() runs
         self.last_checkpoint: Path | None = None
@@ -193,23 +189,44 @@ class Trainer:
 
         return AutoTokenizer.from_pretrained(self.cfg.model.hf_dir)
 
-    def _build_rank0(self) -> None:
+    def _place_engines(self):
+        """One engine per data-parallel replica, or ``rollout.engines`` of them (one when no engine
+        is needed: SFT without evaluation); refuse a step that does not split over them."""
+        from megavrl.config_base import ConfigError
+        from megavrl.rl.placement import place_engines
+
+        placement = place_engines(self.cfg.rollout.engines if self.needs_engine else 1)
+        prompts = self.cfg.trainer.prompts_per_step
+        if prompts % placement.engines:
+            raise ConfigError(f"trainer.prompts_per_step={prompts} does not split over {placement.engines} rollout "
+                              f"engines (rollout.engines={self.cfg.rollout.engines!r}): make it a multiple of "
+                              f"{placement.engines}, or set rollout.engines to a divisor of it")
+        if placement.engines > 1 and global_rank() == 0:
+            log.info("%d rollout engines, one per %d data-parallel replica(s), on global ranks %s",
+                     placement.engines, placement.replicas_per_engine, placement.host_ranks)
+        return placement
+
+    def _build_engine_host(self) -> None:
         from megavrl.data.datasets import VideoTaskDataset
         from megavrl.data.prompt import PromptBuilder
 
         cfg = self.cfg
         self.builder = PromptBuilder.from_hf_dir(cfg.model.hf_dir, cfg.data.prompt)
-        self.dataset = VideoTaskDataset(cfg.data, builder=self.builder, split="train")
+        self.dataset = VideoTaskDataset(cfg.data, builder=self.builder, split="train",
+                                        rank=self.placement.engine_index, world_size=self.placement.engines)
         self.dataset.check_usable()  # before the engine starts: bad data fails in seconds
         self.data_iter = iter(self.dataset)
-        if (self.grpo or cfg.data.val) and self.engine is None:
+        if self.needs_engine and self.engine is None:
+            from megavrl.rl.placement import engine_devices
             from megavrl.rollout.engine import RolloutEngine
             from megavrl.rollout.shm import remove_stale_shm
 
             remove_stale_shm(cfg.rollout.weight_sync_shm_dir)
 
             t0 = time.perf_counter()
-            self.engine = RolloutEngine(cfg.model.hf_dir, cfg.rollout)
+            devices = self.placement.host_local_devices[:max(1, cfg.rollout.tensor_parallel_size)]
+            with engine_devices(devices) if torch.cuda.is_available() and self.placement.engines > 1 else nullcontext():
+                self.engine = RolloutEngine(cfg.model.hf_dir, cfg.rollout)
             log.info("vLLM engine started in %.1f s", time.perf_counter() - t0)
 
     def _previous_status(self) -> str | None:
@@ -234,9 +251,7 @@ class Trainer:
         state = loaded.rank_state or {}
         if "rng" in state:
             restore_rng_state(state["rng"])
-        if global_rank() == 0 and "data" in state:
-            self.dataset.load_state_dict(state["data"])
-            self.data_iter = iter(self.dataset)
+        self._load_data_position(broadcast_object(state.get("data") if global_rank() == 0 else None))
         self.nonfinite_total = int(loaded.metadata.get("nonfinite_total", 0))
         self.nonfinite_in_a_row = int(loaded.metadata.get("nonfinite_in_a_row", 0))
         self.last_checkpoint = Path(path)
@@ -324,13 +339,33 @@ class Trainer:
         return broadcast_object(int(preemption.received or signal.SIGTERM) if global_rank() == 0 else None)
 
     def _resume_state(self) -> dict:
-        """What a checkpoint of the current step boundary stores beside the sharded tensors."""
+        """What a checkpoint of the current step boundary stores beside the sharded tensors: this
+        rank's RNG streams and, on rank 0, the position of every engine's data shard."""
         from megavrl.checkpoint.manager import capture_rng_state
 
         state = {"rng": capture_rng_state()}
-        if global_rank() == 0 and self.dataset is not None:
-            state["data"] = self.dataset.state_dict()
+        shards = self.placement.from_every_engine(self.dataset.state_dict() if self.dataset is not None else None)
+        if global_rank() == 0:
+            state["data"] = {"engines": self.placement.engines, "shards": shards}
         return state
+
+    def _load_data_position(self, data: dict | None) -> None:
+        """Put every engine's data shard where the checkpoint left it. Saved with another number of
+        engines (another data-parallel size), the stream resumes after the rows the slowest shard had
+        consumed, with a warning: rows the other shards had already taken are seen again."""
+        if data is None or self.dataset is None:
+            return
+        shards = data["shards"] if "shards" in data else [data]  # checkpoints before engines per replica
+        if len(shards) == self.placement.engines:
+            state = shards[self.placement.engine_index]
+        else:
+            state = min(shards, key=lambda st: (st["epoch"], st.get("consumed", 0)))
+            if self.placement.engine_index == 0:
+                log.warning("the checkpoint's data stream was split over %d rollout engines, this run has %d: "
+                            "resuming every shard after the %d rows of epoch %d the slowest shard had consumed",
+                            len(shards), self.placement.engines, state.get("consumed", 0), state["epoch"])
+        self.dataset.load_state_dict(state)
+        self.data_iter = iter(self.dataset)
 
     def _write_status(self, status: str, **extra) -> None:
         """``run_status.json`` in the output directory (and at $MEGAVRL_STATUS_FILE when set): how the
@@ -367,27 +402,35 @@ class Trainer:
         """One step; None when a stop signal arrived before its update (the step is abandoned:
         nothing but the RNG streams and the data position has changed, and the caller saves
         those as they were when the step began)."""
+        from megavrl.rl.experience import share_metrics
+
         timer = PhaseTimer()
         t0 = time.perf_counter()
         with timer("rollout"):
-            payload = self._experience_or_failure(preemption) if global_rank() == 0 else None
-            payload = broadcast_object(payload)
-        if isinstance(payload, _Rank0Failure):
-            if global_rank() == 0 and payload.error is not None:
-                raise payload.error
-            raise RuntimeError(f"global rank 0 failed while preparing step {self.step + 1}: {payload.message}")
-        if preemption is not None and preemption.should_stop():
-            log.warning("step %d abandoned before its update: it runs again after resuming", self.step + 1)
-            return None
-        sequences, metrics = payload
-        if sequences:
+            mine = self._experience_or_failure(preemption) if self.placement.hosts_engine else None
+            # Every rank learns how every engine fared (and its metrics share, no pixels) ...
+            outcomes = self.placement.from_every_engine(_outcome(mine))
+            failed = [(g, o) for g, o in enumerate(outcomes) if isinstance(o, _Rank0Failure)]
+            if failed:
+                if isinstance(mine, _Rank0Failure) and mine.error is not None:
+                    raise mine.error
+                g, failure = failed[0]
+                raise RuntimeError(f"the rollout engine on global rank {self.placement.host_ranks[g]} failed while "
+                                   f"preparing step {self.step + 1}: {failure.message}")
+            if any(o is None for o in outcomes) or (preemption is not None and preemption.should_stop()):
+                log.warning("step %d abandoned before its update: it runs again after resuming", self.step + 1)
+                return None
+            # ... and only the ranks of an engine's replicas receive its sequences.
+            sequences = self.placement.broadcast_in_group(mine[0] if self.placement.hosts_engine else None)
+        metrics = share_metrics(outcomes, self.cfg.algorithm.advantage_kwargs() if self.grpo else None)
+        n_tokens = sum(o.train_tokens for o in outcomes)
+        if n_tokens:
             metrics.update(self._update(sequences, timer))
             if self.grpo:
                 with timer("weight_sync"):
                     metrics.update(self._sync_after_update(preemption))
         metrics.update(timer.metrics())
         metrics["time/step"] = time.perf_counter() - t0
-        n_tokens = sum(len(s) for s in sequences)
         metrics["throughput/tokens_per_s"] = n_tokens / metrics["time/step"]
         metrics["memory/peak_mb"] = peak_memory_mb()
         metrics["lr"] = self.actor.optim.lr
@@ -395,9 +438,10 @@ class Trainer:
         return metrics
 
     def _experience_or_failure(self, preemption):
-        """Rank 0's experience; a failure is returned (and broadcast) instead of raised, so that the
-        other ranks, waiting for the batch, stop too instead of hanging until the timeout. With a
-        stop signal received, a failure is the rollout engine killed by it: the step is abandoned."""
+        """This engine's ``(sequences, share)``; a failure is returned (and shared) instead of raised,
+        so that the other ranks, waiting for the batch, stop too instead of hanging until the
+        timeout. With a stop signal received, a failure is the rollout engine killed by it: the step
+        is abandoned (None)."""
         from megavrl.rl.preemption import StopRequested
 
         try:
@@ -436,86 +480,75 @@ class Trainer:
             raise EmptyDatasetError(f"the training stream ended after {len(items)} of {n} prompts")
         return items
 
-    def _experience(self) -> tuple[list[TrainSequence], dict]:
-        from megavrl.rl.experience import sft_sequences
+    def _experience(self) -> tuple:
+        sequences, share = self._experience_of_step()
+        share.skipped_rows = self.dataset.skips.total
+        share.train_tokens = sum(len(s) for s in sequences)
+        return sequences, share
 
-        cfg = self.cfg
-        if not self.grpo:
-            prepared = self._next_prompts(cfg.trainer.prompts_per_step)
-            seqs = sft_sequences(prepared, self.tokenizer)
-            return seqs, {"data/skipped": self.dataset.skips.total}
-        seqs, metrics = self._grpo_experience()
-        metrics["data/skipped"] = self.dataset.skips.total
-        return seqs, metrics
+    def _sft_experience(self):
+        from megavrl.rl.experience import EngineShare, sft_sequences
 
-    def _grpo_experience(self) -> tuple[list[TrainSequence], dict]:
-        from megavrl.rewards import RewardStats
-        from megavrl.rl import ZeroVarianceFilter, group_advantages
-        from megavrl.rl.experience import grpo_sequences, rollout_prompt, score_groups
+        prompts = self.cfg.trainer.prompts_per_step // self.placement.engines
+        return sft_sequences(self._next_prompts(prompts), self.tokenizer), EngineShare()
 
-        cfg = self.cfg
-        n_prompts = cfg.trainer.prompts_per_step
-        extra = cfg.selection.max_refills if cfg.algorithm.filter_zero_variance else 0
-        prepared = self._next_prompts(n_prompts + extra)
-        groups = self.engine.generate([rollout_prompt(p, i) for i, p in enumerate(prepared)],
-                                      seed=cfg.trainer.seed * 1_000_003 + self.step)
+    def _grpo_experience(self):
+        """This engine's share of the step: sample -> score -> keep informative groups ->
+        advantages -> training sequences. Prompt j of engine g is prompt ``j * E + g`` of the step,
+        and samples with the seed that prompt has whatever the number of engines."""
+        from megavrl.rl.advantages import group_advantages
+        from megavrl.rl.experience import EngineShare, grpo_sequences, keep_informative, sample, score_groups
+        from megavrl.rollout.batched import sampling_seed
+
+        cfg, place = self.cfg, self.placement
+        n_prompts = cfg.trainer.prompts_per_step // place.engines
+        refills = cfg.selection.max_refills if cfg.algorithm.filter_zero_variance else None
+        prepared = self._next_prompts(n_prompts + (refills or 0))
+        base = sampling_seed(cfg.trainer.seed, self.step)
+        groups = sample(self.engine, prepared, seeds=[base + j * place.engines + place.engine_index
+                                                      for j in range(len(prepared))])
         rewards = score_groups(groups, prepared, cfg.reward)
-        metrics: dict = {}
-        stats = RewardStats()
-        for p, rs in zip(prepared[:n_prompts], rewards[:n_prompts]):
-            stats.add_many([p.sample.task] * len(rs), rs)
-        metrics.update(stats.summary(prefix="reward/"))
-        by_task: dict[str, list[float]] = {}
-        for p, rs in zip(prepared[:n_prompts], rewards[:n_prompts]):
-            by_task.setdefault(p.sample.task, []).extend(r.total for r in rs)
-        every = [x for xs in by_task.values() for x in xs]
-        metrics["reward/std"] = float(torch.tensor(every).std(unbiased=False))
-        for task, xs in by_task.items():
-            metrics[f"reward/{task}/std"] = float(torch.tensor(xs).std(unbiased=False))
-
-        triples = list(zip(groups, prepared, rewards))
-        if cfg.algorithm.filter_zero_variance:
-            zf = ZeroVarianceFilter(max_refills=extra, rewards_of=lambda t: t[2])
-            zf.push(triples[n_prompts:])
-            kept = zf.filter(triples[:n_prompts])
-            triples = list(kept.groups)
-            metrics.update({"filter/dropped_groups": kept.num_dropped, "filter/refilled_groups": kept.num_refilled,
-                            "filter/kept_groups": len(triples)})
-        else:
-            triples = triples[:n_prompts]
-        if not triples:
-            log.warning("step %d: every group had zero reward variance: nothing to train on", self.step)
-            return [], metrics
-        groups, prepared, rewards = (list(x) for x in zip(*triples))
-        totals = torch.tensor([[r.total for r in rs] for rs in rewards], dtype=torch.float32)
-        adv, zero_var = group_advantages(totals, **cfg.algorithm.advantage_kwargs())
+        share = EngineShare(tasks=[p.sample.task for p in prepared[:n_prompts]], rewards=rewards[:n_prompts])
+        kept, share.filter_counts = keep_informative(groups, prepared, rewards, n_prompts, refills)
+        if not kept:
+            log.warning("step %d: every group of engine %d had zero reward variance: nothing to train on",
+                        self.step, place.engine_index)
+            return [], share
+        groups, prepared, rewards = (list(x) for x in zip(*kept))
+        totals = [[r.total for r in rs] for rs in rewards]
+        adv, _ = group_advantages(torch.tensor(totals, dtype=torch.float32), **cfg.algorithm.advantage_kwargs())
         build = grpo_sequences(groups, prepared, adv, rewards)
-        lengths = torch.tensor([len(s) for g in groups for s in g.samples], dtype=torch.float32)
-        truncated = sum(s.finish_reason == "length" for g in groups for s in g.samples)
-        metrics.update({
-            "advantage/mean": float(adv.mean()), "advantage/abs_mean": float(adv.abs().mean()),
-            "advantage/zero_variance_groups": int(zero_var.sum()),
-            "reward/group_std": float(totals.std(dim=1, unbiased=False).mean()),
-            "response_len/mean": float(lengths.mean()), "response_len/max": float(lengths.max()),
-            "response_len/truncated_fraction": truncated / max(1, len(lengths)),
-            "prompt_len/mean": sum(p.num_tokens for p in prepared) / len(prepared),
-            "data/prompt_token_mismatch": build.mismatched_prompts,
-        })
-        return build.sequences, metrics
+        share.kept_totals = totals
+        share.response_lengths = [[len(s) for s in g.samples] for g in groups]
+        share.truncated = [sum(s.finish_reason == "length" for s in g.samples) for g in groups]
+        share.prompt_lengths = [p.num_tokens for p in prepared]
+        share.mismatched_prompts = build.mismatched_prompts
+        return build.sequences, share
 
     # ------------------------------------------------------------------ all ranks: update
     def _update(self, sequences: list[TrainSequence], timer: PhaseTimer) -> dict:
-        from megatron.core import parallel_state as ps
-
+        """Train on the step's sequences. ``sequences`` are this rank's engine group's; the k replicas
+        of the group share them, and every mini-batch's loss is normalised over the whole step's
+        mini-batch (all engines), with the same number of micro-batches on every rank."""
         cfg = self.cfg
         alg = cfg.algorithm
-        seq_len = padded_length(sequences)
-        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        place = self.placement
+        seq_len = padded_length(sequences) if sequences else padded_length([_FILLER])
         mbs = cfg.trainer.micro_batch_size
         minis = [sequences[i::alg.mini_batches] for i in range(alg.mini_batches)]
-        minis = [m for m in minis if m]
-        batches = [_collate_all(shard_for_data_parallel(m, dp_rank, dp, mbs, self.pad_id), self.pad_id, seq_len)
-                   for m in minis]
+        # Per mini-batch and engine: response tokens, sequences, micro-batches its replicas need.
+        sizes = place.from_every_engine([(sum(s.response_len for s in m), len(m),
+                                          math.ceil(math.ceil(len(m) / place.replicas_per_engine) / mbs))
+                                         for m in minis])
+        normalisers = [(sum(e[i][0] for e in sizes), sum(e[i][1] for e in sizes)) for i in range(len(minis))]
+        n_micro = [max(1, max(e[i][2] for e in sizes)) for i in range(len(minis))]
+        kept = [i for i, (_, n_seqs) in enumerate(normalisers) if n_seqs > 0]  # empty everywhere: skipped
+        minis = [minis[i] for i in kept]
+        normalisers = [normalisers[i] for i in kept]
+        batches = [collate_micro_batches(shard_for_data_parallel(minis[j], place.replica_in_group,
+                                                                 place.replicas_per_engine, mbs, self.pad_id,
+                                                                 n_micro=n_micro[i]), self.pad_id, seq_len)
+                   for j, i in enumerate(kept)]
         need_old = self.grpo and (alg.ppo_epochs > 1 or len(minis) > 1)
         with timer("logprobs"):
             for mb_list in batches:
@@ -531,8 +564,8 @@ class Trainer:
         grad_norms = []
         with timer("train"):
             for _ in range(alg.ppo_epochs):
-                for mini, mb_list in zip(minis, batches):
-                    loss_fn = self._loss_fn(mini)
+                for (num_tokens, num_seqs), mb_list in zip(normalisers, batches):
+                    loss_fn = self._loss_fn(num_tokens, num_seqs)
                     result = self.actor.train_step(mb_list, seq_len, loss_fn)
                     n_updates += 1
                     if not result.applied:
@@ -553,22 +586,17 @@ class Trainer:
             metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
         return metrics
 
-    def _loss_fn(self, mini: list[TrainSequence]):
-        """The loss of one mini-batch, with normalisers over the whole mini-batch (all DP ranks)."""
-        from megavrl.rl import policy_loss
+    def _sft_loss(self, num_tokens: int, num_seqs: int):
+        """Cross-entropy of one mini-batch, normalised over its response tokens on all DP ranks."""
+        from megavrl.rl.policy_loss import sft_loss
 
-        num_tokens = sum(s.response_len for s in mini)
-        num_seqs = len(mini)
-        if not self.grpo:
-            def sft_loss(batch, logprobs, entropy):
-                mask = batch["loss_mask"]
-                nll = -(logprobs * mask).sum() / num_tokens
-                ent = (entropy.detach() * mask).sum() / num_tokens
-                return nll, {"loss": nll.item(), "entropy": ent.item(), "num_tokens": float(mask.sum())}
-            return sft_loss
+        return lambda batch, logprobs, entropy: sft_loss(logprobs, batch["loss_mask"], num_tokens, entropy)
 
-        alg = self.cfg.algorithm
-        kwargs = alg.loss_kwargs()
+    def _grpo_loss(self, num_tokens: int, num_seqs: int):
+        """The policy loss of one mini-batch, with normalisers over the whole mini-batch (all DP ranks)."""
+        from megavrl.rl.policy_loss import policy_loss
+
+        kwargs = self.cfg.algorithm.loss_kwargs()
         if self.ref is None:
             kwargs["kl_coef"] = 0.0
 
@@ -586,21 +614,14 @@ class Trainer:
         """Stream the actor's weights into the vLLM engine (all ranks take part). With ``preemption``,
         a stop signal ends rank 0's calls into the engine (which the signal may have killed) while
         the other ranks' collectives are still completed."""
-        if not (self.grpo or self.cfg.data.val):
+        if not self.needs_engine:
             return {}
-        stream = self.actor.export_hf_ranks0()
-        if global_rank() == 0 and self.engine is not None:
-            try:
-                stats = self.engine.update_weights(
-                    stream, rpc_guard=preemption.interruptible if preemption is not None else None)
-            except BaseException:
-                for _ in stream:  # the other ranks are inside the export's collectives: finish them
-                    pass
-                raise
-            return {"weight_sync/seconds": stats.seconds, "weight_sync/mb_per_s": stats.mb_per_s}
-        for _ in stream:  # drive the collectives
-            pass
-        return {}
+        if not self.placement.syncs_weights:  # this replica feeds no engine: nothing to export
+            return {}
+        stats = self.actor.sync_weights_into(
+            self.engine if self.placement.hosts_engine else None,
+            rpc_guard=preemption.interruptible if preemption is not None else None)
+        return {} if stats is None else {"weight_sync/seconds": stats.seconds, "weight_sync/mb_per_s": stats.mb_per_s}
 
     def save(self, rank_state: dict | None = None) -> Path:
         """Checkpoint the run at ``self.step``: model, optimizer, LR schedule, RNG streams, data
@@ -633,8 +654,10 @@ class Trainer:
         import subprocess
         import sys
 
+        from megavrl.dtypes import short_dtype_name
+
         if global_rank() == 0:
-            dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(self.cfg.model.dtype, "bf16")
+            dtype = "bf16" if self.cfg.model.dtype == "auto" else short_dtype_name(self.cfg.model.dtype)
             cmd = [sys.executable, "-m", "megavrl.cli", "convert", "megatron-to-hf", "--ckpt", str(ckpt),
                    "--out", str(out), "--dtype", dtype, "--force"]
             # A clean single-process job: none of torchrun's variables (with TORCHELASTIC_USE_AGENT_STORE
@@ -651,25 +674,36 @@ class Trainer:
         torch.distributed.barrier()
 
     def evaluate(self, tag: str) -> dict:
-        """Greedy evaluation on data.val (rank 0 drives vLLM; others wait)."""
+        """Greedy evaluation on data.val: every engine decodes its shard of the rows, rank 0 scores
+        them all and writes the report."""
         if not self.cfg.data.val:
             return {}
+        from megavrl.eval.runner import predict, report
+        from megavrl.rl.placement import interleave
+        from megavrl.rl.preemption import StopRequested
+
         if not self.grpo and self.step > 0:  # SFT updates do not stream into the engine each step
             self._sync_after_update(self._preemption)
-        result = None
-        if global_rank() == 0:
-            from megavrl.eval.runner import run_eval
-            from megavrl.rl.preemption import StopRequested
-
-            out = Path(self.cfg.eval.output_dir or self.output_dir / "eval") / tag
+        t0 = time.perf_counter()
+        records = None
+        if self.placement.hosts_engine:
             try:
                 with self._preemption.interruptible() if self._preemption is not None else nullcontext():
-                    result = run_eval(self.engine, self.cfg, self.builder, out)
-                self.metrics.write(self.step, {k: v for k, v in result.items() if isinstance(v, (int, float))},
-                                   prefix="eval/")
+                    records = predict(self.engine, self.cfg, self.builder, self.placement.engine_index,
+                                      self.placement.engines)
             except StopRequested:
+                records = "stopped"
+        shards = self.placement.from_every_engine(records)
+        if any(r == "stopped" for r in shards):
+            if global_rank() == 0:
                 log.warning("evaluation %r abandoned: a stop signal arrived", tag)
-                result = {}
+            return {}
+        result = None
+        if global_rank() == 0:
+            out = Path(self.cfg.eval.output_dir or self.output_dir / "eval") / tag
+            result = report(interleave(shards), self.cfg, out, seconds=time.perf_counter() - t0)
+            self.metrics.write(self.step, {k: v for k, v in result.items() if isinstance(v, (int, float))},
+                               prefix="eval/")
         return broadcast_object(result)
 
     def _print_summary(self, summary: dict) -> None:

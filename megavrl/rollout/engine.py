@@ -27,13 +27,13 @@ import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from megavrl.log import get_logger
+from megavrl.rollout.config import RolloutConfig
 from megavrl.rollout.inputs import RolloutPrompt, as_rollout_prompt, to_vllm_prompt
 from megavrl.rollout.outputs import RolloutGroup, group_from_request_output
 from megavrl.rollout.weight_sync import SyncStats, push_weights
@@ -43,88 +43,6 @@ log = get_logger(__name__)
 
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "max_new_tokens", "ignore_eos", "stop",
                     "stop_token_ids", "logprobs")
-
-
-@dataclass
-class RolloutConfig:
-    """Everything the rollout engine is started and samples with.
-
-    Sampling: ``n`` responses per prompt of at most ``max_new_tokens`` tokens each.
-    ``logprobs`` returns the log-probability of every sampled token; with the default
-    ``logprobs_mode="raw_logprobs"`` it is log_softmax of the raw logits, i.e. temperature 1.0
-    and before top-p/top-k, which is what the trainer recomputes.
-    Engine: ``tensor_parallel_size`` is vLLM's own, independent of Megatron's.
-    ``gpu_memory_utilization`` is the GPU memory fraction vLLM may take (weights + KV cache).
-    ``kv_cache_memory_mb`` sizes the KV cache explicitly; on CPU it defaults to
-    ``cpu_kv_cache_mb``, because there vLLM reads ``gpu_memory_utilization`` as a fraction of all
-    RAM that must be free at start-up, which fails on a shared machine.
-    ``enforce_eager`` None: eager on CPU (torch.compile would take minutes), compiled on GPU.
-    ``cpu_compile_sampler`` False: on CPU, start vLLM's processes with TorchDynamo disabled. Even
-    eager, vLLM's sampler torch.compiles (inductor, C++) the rank count of the sampled token's
-    log-probability on the first request with logprobs, which costs 25-40 s on a 2-core machine
-    and gains nothing at tiny sizes.
-    ``resize_in_vllm`` False: frames and images arrive already resized by the data pipeline (sides
-    multiples of patch_size * merge_size) and vLLM is told not to resize them, so vLLM and the
-    trainer see the same pixels.
-    ``weight_sync_bucket_mb``: bucket size of ``update_weights``; ``weight_sync_transport``:
-    "auto" (CUDA IPC for GPU tensors, /dev/shm files otherwise), "shm" or "cuda_ipc".
-    """
-
-    # sampling
-    n: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    max_new_tokens: int = 512
-    logprobs: bool = True
-    logprobs_mode: str = "raw_logprobs"
-    ignore_eos: bool = False
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    seed: int = 0
-    # engine
-    dtype: str = "auto"
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.5
-    kv_cache_memory_mb: int | None = None
-    cpu_kv_cache_mb: int = 512
-    max_model_len: int = 8192
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    enforce_eager: bool | None = None
-    enable_prefix_caching: bool = True
-    cpu_compile_sampler: bool = False
-    max_videos_per_prompt: int = 1
-    max_images_per_prompt: int = 1
-    resize_in_vllm: bool = False
-    mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)
-    # placement
-    enable_sleep_mode: bool = False
-    sleep_level: int = 1
-    # weight sync
-    weight_sync_bucket_mb: float = 512
-    weight_sync_transport: str = "auto"
-    weight_sync_shm_dir: str = "/dev/shm"
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to vllm.LLM as they are
-
-    def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError(f"n={self.n}: need at least one response per prompt")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
-        if self.logprobs_mode not in ("raw_logprobs", "processed_logprobs"):
-            raise ValueError(f"logprobs_mode={self.logprobs_mode!r}: use 'raw_logprobs' (temperature 1.0, what "
-                             "the trainer recomputes) or 'processed_logprobs'")
-        if self.sleep_level not in (1, 2):
-            raise ValueError(f"sleep_level={self.sleep_level}: 1 keeps weights in CPU memory, 2 drops them")
-        if self.weight_sync_bucket_mb <= 0:
-            raise ValueError(f"weight_sync_bucket_mb={self.weight_sync_bucket_mb} must be > 0")
-        if self.weight_sync_transport not in ("auto", "shm", "cuda_ipc"):
-            raise ValueError(f"weight_sync_transport={self.weight_sync_transport!r}: use auto, shm or cuda_ipc")
 
 
 def _on_cpu() -> bool:
@@ -233,20 +151,23 @@ class RolloutEngine:
                               ignore_eos=c.ignore_eos, stop=list(c.stop) or None,
                               stop_token_ids=list(c.stop_token_ids) or None, seed=seed)
 
-    def generate(self, prompts: Sequence[RolloutPrompt | str | Mapping[str, Any]], *, seed: int | None = None,
+    def generate(self, prompts: Sequence[RolloutPrompt | str | Mapping[str, Any]], *,
+                 seed: int | Sequence[int] | None = None,
                  use_tqdm: bool = False, **overrides) -> list[RolloutGroup]:
         """Sample ``n`` responses for every prompt in one vLLM call; one ``RolloutGroup`` per prompt.
 
         prompts: ``RolloutPrompt`` (text or token ids, with ``VideoInput`` / image items), a plain
             text prompt, a dict of ``RolloutPrompt`` fields, or a vLLM prompt dict
             ``{"prompt" | "prompt_token_ids", "multi_modal_data": {"video": [(frames, metadata)]},
-            "mm_processor_kwargs"}`` as ``megavrl.data.prompt.vllm_inputs`` returns it.
+            "mm_processor_kwargs"}`` as ``megavrl.rollout.inputs.vllm_prompt`` returns it.
         overrides: sampling fields of ``RolloutConfig`` for this call (n, temperature, top_p, top_k,
             max_new_tokens, ignore_eos, stop, stop_token_ids, logprobs), e.g. greedy evaluation
             with ``n=1, temperature=0``.
         seed: makes this call reproducible on its own: prompt i samples with seed ``seed + i`` (so
-            two copies of a prompt still get different responses). None: the engine's generator,
-            reproducible only for the same sequence of calls since start-up.
+            two copies of a prompt still get different responses), or with ``seed[i]`` given one
+            seed per prompt (a prompt then samples the same whatever else is in the call, up to
+            the numerics of batching). None: the engine's generator, reproducible only for the
+            same sequence of calls since start-up.
         """
         if self.asleep and self.sleep_supported:
             raise RuntimeError("the rollout engine is asleep: call wake_up() before generate()")
@@ -259,7 +180,10 @@ class RolloutEngine:
         if seed is None:
             params = self.sampling_params(**overrides)
         else:
-            params = [self.sampling_params(seed=seed + i, **overrides) for i in range(len(items))]
+            seeds = [seed + i for i in range(len(items))] if isinstance(seed, int) else [int(x) for x in seed]
+            if len(seeds) != len(items):
+                raise ValueError(f"{len(seeds)} seeds for {len(items)} prompts")
+            params = [self.sampling_params(seed=s, **overrides) for s in seeds]
         outputs = self.llm.generate(vllm_prompts, params, use_tqdm=use_tqdm)
         with_logprobs = (params if seed is None else params[0]).logprobs is not None
         return [group_from_request_output(out, i, item, with_logprobs)

@@ -92,7 +92,7 @@ _VLLM_PROMPT_KEYS = {"prompt", "prompt_token_ids", "multi_modal_data", "mm_proce
 def as_rollout_prompt(item: RolloutPrompt | str | Mapping[str, Any]) -> RolloutPrompt:
     """Accept a ``RolloutPrompt``, a plain text prompt, a dict of ``RolloutPrompt`` fields, or a
     vLLM prompt dict (``prompt``/``prompt_token_ids``, ``multi_modal_data``, ``mm_processor_kwargs``,
-    as ``megavrl.data.prompt.vllm_inputs`` builds it)."""
+    as :func:`vllm_prompt` builds it)."""
     if isinstance(item, RolloutPrompt):
         return item
     if isinstance(item, str):
@@ -190,3 +190,48 @@ def to_vllm_prompt(item: RolloutPrompt, index: int, *, pixel_multiple: int | Non
         if kwargs:
             out["mm_processor_kwargs"] = kwargs
     return out
+
+
+# ---------------------------------------------------------------------- from the data pipeline
+
+
+def rollout_prompt(prepared, index: int | None = None, *, use_token_ids: bool = True,
+                   pin_size: bool = True) -> RolloutPrompt:
+    """The engine's input for one :class:`megavrl.data.prompt.PreparedPrompt` (the one adapter
+    from the data pipeline to the rollout engine).
+
+    - the prompt: token ids with one ``<|video_pad|>`` (vLLM expands it to
+      ``prepared.num_video_tokens`` tokens, giving ``prepared.input_ids``), or the chat text with
+      ``use_token_ids=False``;
+    - the video: ``(frames, metadata)`` with frames uint8 ``[T, H, W, 3]``, the same pixels as
+      ``prepared.frames``, and transformers ``VideoMetadata`` fields (``fps`` of the file,
+      ``frames_indices``, ``total_num_frames``, ``duration``, ...). The Qwen2.5-VL processor derives
+      ``second_per_grid_ts`` from them (``2 / sampled_fps``); without them, transformers 5 assumes
+      24 fps and the M-RoPE time positions would differ from the trainer's;
+    - ``mm_processor_kwargs``: no frame sampling, and a pixel range pinned to the frames' own size,
+      so the processor's smart_resize leaves them untouched (it would otherwise resize frames
+      outside its own min/max pixels, with torchvision's uint8 kernel, not the float one).
+      ``pin_size=False`` leaves the size to the engine's processor config.
+    ``meta`` carries the row id and ``index`` through the engine.
+    """
+    frames = prepared.frames.permute(0, 2, 3, 1).contiguous().numpy()
+    height, width = prepared.frames.shape[-2:]
+    kwargs: dict[str, Any] = {"do_sample_frames": False}
+    if pin_size:
+        kwargs["size"] = {"shortest_edge": int(height * width), "longest_edge": int(height * width)}
+    return RolloutPrompt(prompt=None if use_token_ids else prepared.prompt,
+                         prompt_token_ids=list(prepared.prompt_token_ids) if use_token_ids else None,
+                         videos=[(frames, dict(prepared.video_metadata))], mm_processor_kwargs=kwargs,
+                         meta={"id": prepared.sample.id, "index": index})
+
+
+def vllm_prompt(prepared, *, use_token_ids: bool = True, pin_size: bool = True) -> dict[str, Any]:
+    """The vLLM prompt dict of one prepared prompt, as the engine hands it to ``LLM.generate``
+    (for tools and tests that call vLLM or the HF processor directly)::
+
+        {"prompt_token_ids": [...],      # or "prompt": str with use_token_ids=False
+         "multi_modal_data": {"video": [(frames, metadata)]},
+         "mm_processor_kwargs": {"do_sample_frames": False, "size": {...}}}
+    """
+    item = rollout_prompt(prepared, use_token_ids=use_token_ids, pin_size=pin_size)
+    return to_vllm_prompt(item, 0, pixel_multiple=None, mm_processor_kwargs={})

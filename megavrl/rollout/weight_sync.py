@@ -28,13 +28,10 @@ from pathlib import Path
 
 import torch
 
+from megavrl.checkpoint.mapping import HF_OUTPUT, HF_PREFIXES
 from megavrl.log import get_logger
 
 log = get_logger(__name__)
-
-# Top-level prefixes of the Qwen2.5-VL checkpoint layouts (published and transformers 5).
-HF_PREFIXES = ("visual.", "model.", "lm_head.")
-TIED_LM_HEAD = "lm_head.weight"
 
 
 @dataclass
@@ -100,7 +97,7 @@ def prepare_stream(named_tensors: Iterable[tuple[str, torch.Tensor]], *, dtype: 
     """
     for name, tensor in named_tensors:
         check_hf_name(name)
-        if tied_embeddings and name == TIED_LM_HEAD:
+        if tied_embeddings and name == HF_OUTPUT:
             skipped.append(name)
             continue
         yield name, tensor.detach().to(dtype=dtype).contiguous()

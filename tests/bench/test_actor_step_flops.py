@@ -1,5 +1,6 @@
 """bench_actor_step's GPU mode: the model-FLOPs count of an actor step (language model + vision
-tower), the video sequences it times, and a dry run of the whole mode on the CPU."""
+tower, megavrl.models.qwen2_5_vl.flops), the video sequences it times, and a dry run of the whole
+mode on the CPU."""
 import json
 import subprocess
 import sys
@@ -8,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.bench_actor_step import (GPU_SHAPES, actor_step_flops, gpu_micro_batch, gpu_model_config,
-                                    lm_matmul_params, video_frame_count, vision_encoder_params, vision_merger_params,
-                                    vision_segments)
+from bench.bench_actor_step import GPU_SHAPES, gpu_micro_batch, gpu_model_config, video_frame_count
+from megavrl.models.qwen2_5_vl.flops import (actor_step_flops, lm_matmul_params, vision_encoder_params,
+                                             vision_merger_params, vision_segments)
 from tests.bench.test_results import _check_record
 
 REPO = Path(__file__).resolve().parents[2]

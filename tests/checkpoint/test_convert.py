@@ -188,7 +188,7 @@ def test_exported_directory_loads_in_transformers(hf_dirs, exported):
     video prompt built by the exported processor; in bf16 the dtype comes from config.json."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from megavrl.models.qwen2_5_vl.parity import build_parity_batches
+    from megavrl.checks.parity import build_parity_batches
 
     for preset in PRESETS:
         batch = build_parity_batches(exported[preset, "fp32"], kinds=("video",))["video"]

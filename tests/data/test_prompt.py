@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megavrl.data.prompt import PromptBuilder, PromptConfig, PromptTooLongError, vllm_inputs
+from megavrl.data.prompt import PromptBuilder, PromptConfig, PromptTooLongError
+from megavrl.rollout.inputs import vllm_prompt as vllm_inputs
 from megavrl.data.schema import Sample
 from megavrl.data.video import VideoSampler
 
@@ -57,6 +58,7 @@ def test_vllm_inputs_give_the_same_tokens_and_pixels(tiny_hf_dir, processor, vid
     inputs = vllm_inputs(prepared)
     assert inputs["prompt_token_ids"].count(builder.video_token_id) == 1
     (frames, metadata), = inputs["multi_modal_data"]["video"]
+    metadata = {k: v for k, v in metadata.items() if k != "do_sample_frames"}  # vLLM strips it before the processor
     assert frames.dtype.name == "uint8" and frames.shape == (video.frames.shape[0], *video.frames.shape[2:], 3)
     assert torch.equal(torch.from_numpy(frames).permute(0, 3, 1, 2), video.frames)
     # vLLM hands the HF processor the text, the frames with their metadata and mm_processor_kwargs;

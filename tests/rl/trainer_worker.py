@@ -1,13 +1,16 @@
 """Runs under torchrun (2 processes) for tests/rl/test_trainer.py; writes a JSON report.
 
 usage: trainer_worker.py SCENARIO WORKDIR HF_DIR DATA_DIR
-  tp2: GRPO at TP=2: (A) 4 steps with checkpoints at steps 2 and 4; (B) the same run stopped after
-       step 2 and resumed to step 4, which must repeat A's steps 3 and 4 exactly; (C) an infinite
+  tp2: GRPO at TP=2: (A) 4 steps with checkpoints at steps 2 and 4; (B) A's output directory as
+       it was after step 2, resumed to step 4, which must repeat A's steps 3 and 4 exactly; (C) an infinite
        gradient with a finite loss at step 2 is skipped and counted, and a run whose every step
        has one stops after max_consecutive_nonfinite with a checkpoint; (E) A's checkpoint resumed
        at PP=2 and at TP=1; (D) whether the policy learned what the reward prefers (checked against
        transformers on the exported model, with an HF export at the end).
-  pp2: GRPO at PP=2, 3 steps: step 2 with an infinite gradient, step 3 with a NaN loss.
+  pp2: GRPO at PP=2 with tied embeddings (the tiny-tied preset), 3 steps: step 2 with an infinite
+       gradient, step 3 with a NaN loss; then (F) 2 steps with the zero-variance filter and refills,
+       2 PPO epochs x 2 mini-batches and an evaluation every step.
+  tp2 also runs (DP) one GRPO and one SFT step at DP=2 (TP=1) and at DP=1 (TP=2) on the same rollouts.
 The reward prefers responses whose first character is a lowercase ASCII letter: a random tiny
 model produces those about a third of the time, so groups have reward variance from step 1.
 """
@@ -158,8 +161,8 @@ def inf_gradient(trainer, when) -> dict:
     d/dx sqrt(x) at x = 0 is inf, and 1e-30 * sqrt(0) adds 0 to the loss."""
     make, calls = trainer._loss_fn, {"n": 0}
 
-    def poisoned(mini):
-        fn = make(mini)
+    def poisoned(*normalisers):
+        fn = make(*normalisers)
 
         def loss(batch, logprobs, entropy):
             value, metrics = fn(batch, logprobs, entropy)
@@ -176,8 +179,8 @@ def inf_gradient(trainer, when) -> dict:
 def nan_loss(trainer, when) -> None:
     make = trainer._loss_fn
 
-    def poisoned(mini):
-        fn = make(mini)
+    def poisoned(*normalisers):
+        fn = make(*normalisers)
 
         def loss(batch, logprobs, entropy):
             value, metrics = fn(batch, logprobs, entropy)
@@ -216,24 +219,28 @@ def scenario_tp2(workdir: Path, hf_dir: str, data_dir: str) -> dict:
     rank = torch.distributed.get_rank()
     engine = a.engine
     rec_a, w0 = Recorder(a), params(a)
+    w0_hf = hf_weights(a)
     a.run()
     rec_a.detach()
     report["A"] = {"steps": rec_a.steps, "metrics": computed(metrics_of(workdir, "A")) if rank == 0 else [],
                    "weights_changed": changed(w0, params(a)), "optimizer": optimizer_digest(a)}
     a_weights = hf_weights(a)
-    # B: the same run stopped after step 2, then resumed from its checkpoint to step 4.
-    b1 = Trainer(config(workdir, hf_dir, data_dir, "B", **{"parallel.tp": 2, "trainer.total_steps": 2,
-                                                           "checkpoint.save_every": 2}), engine=engine)
-    rec_b1 = Recorder(b1)  # the same draws as in A, so the RNG streams are comparable
-    b1.run()
-    rec_b1.detach()
+    # B: the same run stopped after step 2 and resumed to step 4: A's output directory as it was
+    # after step 2 (its step-2 checkpoint and its metrics, which still list steps 3 and 4; the
+    # resumed run drops them), resumed with checkpoint.resume=auto.
+    if rank == 0:
+        import shutil
+
+        shutil.copytree(workdir / "A" / "checkpoints" / "step_00000002", workdir / "B" / "checkpoints" / "step_00000002")
+        shutil.copytree(workdir / "A" / "tensorboard", workdir / "B" / "tensorboard")
+    torch.distributed.barrier()
     b2 = Trainer(config(workdir, hf_dir, data_dir, "B", **{"parallel.tp": 2, "trainer.total_steps": 4,
                                                            "checkpoint.save_every": 2}), engine=engine)
-    rec_b = Recorder(b2)
+    b2_resumed_at, rec_b = b2.step, Recorder(b2)
     b2.run()
     rec_b.detach()
     b_weights = hf_weights(b2)
-    report["B"] = {"resumed_at": 2, "steps": rec_b.steps,
+    report["B"] = {"resumed_at": b2_resumed_at, "steps": rec_b.steps,
                    "metrics": computed(metrics_of(workdir, "B")) if rank == 0 else [],
                    "optimizer": optimizer_digest(b2),
                    "weights_equal_A": rank != 0 or all(torch.equal(a_weights[k], b_weights[k]) for k in a_weights)}
@@ -273,6 +280,29 @@ def scenario_tp2(workdir: Path, hf_dir: str, data_dir: str) -> dict:
         loaded["trained"] = changed(w_e, params(e))
         loaded["metrics"] = computed(metrics_of(workdir, name)) if rank == 0 else []
         report[name] = loaded
+    # DP: one GRPO and one SFT step from the same start at DP=2 (TP=1) and at DP=1 (TP=2), on the
+    # same rollouts (one engine, the same seeds). adam_eps=1 makes Adam's first step ~ lr * g (with
+    # eps=1e-8 it is lr * sign(g), and a gradient within rounding of 0 could move a weight by
+    # +-lr in one layout and not the other), so the weights after the step compare to rounding;
+    # no gradient clipping (clip_grad=1e6), which would hide a gradient off by a constant factor.
+    report["DP"] = {}
+    for algo, extra in (("grpo", {}), ("sft", {"trainer.prompts_per_step": 3})):  # 3: a rank gets a filler
+        runs = {}
+        for name, over in (("dp1", {"parallel.tp": 2}), ("dp2", {"parallel.tp": 1})):
+            t = Trainer(config(workdir, hf_dir, data_dir, f"DP_{algo}_{name}", **over, **extra, **{
+                "algorithm.name": algo, "trainer.total_steps": 1, "optimizer.adam_eps": 1.0, "optimizer.clip_grad": 1e6}),
+                engine=engine if algo == "grpo" else None)
+            rec = Recorder(t)
+            t.run()
+            rec.detach()
+            weights = hf_weights(t)
+            runs[name] = {"steps": rec.steps, "metrics": computed(metrics_of(workdir, f"DP_{algo}_{name}"))
+                          if rank == 0 else [], "weights": weights}
+        if rank == 0:
+            w1, w2 = runs["dp1"].pop("weights"), runs["dp2"].pop("weights")
+            runs["max_weight_diff"] = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+            runs["max_update"] = max((w1[k] - w0_hf[k]).abs().max().item() for k in w1)
+        report["DP"][algo] = runs
     # D: learning. Short responses and a larger step size make the signal clear in 6 steps; the
     # exported model is checked with transformers.
     d = Trainer(config(workdir, hf_dir, data_dir, "D", **{"parallel.tp": 2, "trainer.total_steps": 6,
@@ -289,19 +319,100 @@ def scenario_tp2(workdir: Path, hf_dir: str, data_dir: str) -> dict:
     return report
 
 
+def tied_copies_equal(trainer) -> bool:
+    """At PP=2 with tied embeddings the first stage's embedding and the last stage's output layer
+    are two copies of one HF tensor: after every update they must still be equal, bit for bit."""
+    mine = trainer.actor.model.shared_embedding_or_output_weight().detach().clone()
+    copies: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(copies, mine)
+    return all(torch.equal(c, copies[0]) for c in copies)
+
+
+def install_refill_reward() -> None:
+    """mcq rows always score 1 (their groups have zero variance: dropped, refilled); tvg and gqa
+    rows score a hash of the response, different for different responses."""
+    import zlib
+
+    from megavrl.rewards import RewardResult, register_reward
+
+    def constant(response, sample, config):
+        return RewardResult(total=1.0, components={"constant": 1.0}, parsed={})
+
+    def hashed(response, sample, config):
+        value = zlib.crc32(response.encode()) / 2**32
+        return RewardResult(total=value, components={"hash": value}, parsed={})
+
+    register_reward("mcq", replace=True)(constant)
+    for task in ("tvg", "gqa"):
+        register_reward(task, replace=True)(hashed)
+
+
+class UpdateRecorder:
+    """Every optimizer update's metrics (actor.train_step), and per step the prompts taken from the
+    data stream and those trained on (rank 0)."""
+
+    def __init__(self, trainer):
+        import megavrl.rl.experience as experience
+
+        self.updates: list[dict] = []
+        self.taken: list[list[str]] = []
+        self.trained: list[list[str]] = []
+        step, build, take = trainer.actor.train_step, experience.grpo_sequences, trainer._next_prompts
+
+        def next_prompts(n):
+            items = take(n)
+            self.taken.append([p.sample.id for p in items])
+            return items
+
+        def train_step(*args, **kwargs):
+            result = step(*args, **kwargs)
+            self.updates.append({"applied": result.applied, **result.metrics})
+            return result
+
+        def grpo_sequences(groups, prepared, *args, **kwargs):
+            self.trained.append([p.sample.id for p in prepared])
+            return build(groups, prepared, *args, **kwargs)
+
+        trainer.actor.train_step, trainer._next_prompts = train_step, next_prompts
+        experience.grpo_sequences = grpo_sequences
+        self._restore = (experience, build)
+
+    def detach(self):
+        experience, build = self._restore
+        experience.grpo_sequences = build
+
+
 def scenario_pp2(workdir: Path, hf_dir: str, data_dir: str) -> dict:
+    """hf_dir is the tied preset: PP=2 puts the embedding and its tied output copy on two stages."""
     from megavrl.rl.trainer import Trainer
 
     t = Trainer(config(workdir, hf_dir, data_dir, "P", **{"parallel.pp": 2, "trainer.total_steps": 3}))
+    rank = torch.distributed.get_rank()
+    engine = t.engine
     calls = inf_gradient(t, when=lambda step: step == 1)  # step 2 of 3: an infinite gradient
     nan_loss(t, when=lambda step: step == 2)  # step 3: a NaN loss
     before = snapshot_before_step(t, 1)
     w0 = params(t)
     t.run()
-    rank = torch.distributed.get_rank()
-    return {"weights_changed": changed(w0, params(t)), "metrics": metrics_of(workdir, "P") if rank == 0 else [],
-            "last_stage": t.actor.is_last_stage, "unchanged_after_inf": unchanged(before, t),
-            "nonfinite_total": t.nonfinite_total, "poisoned_calls": calls["n"]}
+    report = {"weights_changed": changed(w0, params(t)), "metrics": metrics_of(workdir, "P") if rank == 0 else [],
+              "last_stage": t.actor.is_last_stage, "unchanged_after_inf": unchanged(before, t),
+              "nonfinite_total": t.nonfinite_total, "poisoned_calls": calls["n"], "tied_equal": tied_copies_equal(t)}
+    # F: the zero-variance filter with refills, 2 PPO epochs x 2 mini-batches, an evaluation every
+    # step; 2 steps.
+    install_refill_reward()
+    f = Trainer(config(workdir, hf_dir, data_dir, "F", **{
+        "parallel.pp": 2, "trainer.total_steps": 2, "optimizer.lr": 5e-3, "algorithm.filter_zero_variance": "true",
+        "selection.max_refills": 4, "algorithm.ppo_epochs": 2, "algorithm.mini_batches": 2,
+        "trainer.eval_every": 1, "data.val": f"[{{json_path: {data_dir}/val.jsonl, data_folder: {data_dir}}}]"}),
+        engine=engine)
+    updates = UpdateRecorder(f)
+    f.run()
+    updates.detach()
+    report["F"] = {"taken": updates.taken, "trained": updates.trained, "updates": updates.updates,
+                   "adam_step": f.actor.optim.adam_step(), "tied_equal": tied_copies_equal(f),
+                   "metrics": metrics_of(workdir, "F") if rank == 0 else [],
+                   "eval_dirs": sorted(p.name for p in (workdir / "F" / "eval").iterdir()) if rank == 0 else []}
+    return report
 
 
 def main() -> None:

@@ -95,7 +95,7 @@ def test_greedy_overrides_and_sleep_is_a_noop_on_cpu(rollout_engine, test_video)
 
 
 def test_token_id_prompt_in_vllm_format_equals_text_prompt(rollout_engine, test_video):
-    """The dict megavrl.data.prompt.vllm_inputs builds: one pad token id, (frames, metadata), pinned size."""
+    """The dict megavrl.rollout.inputs.vllm_prompt builds: one pad token id, (frames, metadata), pinned size."""
     text = video_prompt("when does the square stop")
     token_ids = rollout_engine.llm.get_tokenizer()(text)["input_ids"]
     pixels = test_video.frames.shape[1] * test_video.frames.shape[2]

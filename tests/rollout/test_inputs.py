@@ -55,7 +55,7 @@ def test_resize_in_vllm_allows_any_size():
 
 
 def test_vllm_prompt_dicts_are_accepted():
-    """The format megavrl.data.prompt.vllm_inputs produces: token ids with one pad, (frames, metadata)."""
+    """The format megavrl.rollout.inputs.vllm_prompt produces: token ids with one pad, (frames, metadata)."""
     meta = {"fps": 24.0, "frames_indices": [0, 12, 24, 36, 48, 60], "total_num_frames": 72, "duration": 3.0}
     item = {"prompt_token_ids": [5, 724, 6], "multi_modal_data": {"video": [(FRAMES, meta)]},
             "mm_processor_kwargs": {"do_sample_frames": False}}

@@ -83,7 +83,7 @@ def _shm_leftovers() -> list[str]:
 @pytest.fixture(scope="module")
 def rerandomised_hf_dir(tmp_path_factory):
     """The ``tiny`` preset with other random weights (seed 1), same tokenizer and config."""
-    from megavrl.models.qwen2_5_vl.tiny import make_tiny_model
+    from megavrl.checkpoint.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-seed1") / "hf", preset="tiny", seed=1)
 
@@ -138,7 +138,7 @@ def test_update_weights_tied_embeddings(tiny_tied_hf_dir, tmp_path_factory, test
     """Tied model, transformers-5 names; the stream also carries lm_head.weight, which must be skipped."""
     from safetensors.torch import load_file
 
-    from megavrl.models.qwen2_5_vl.tiny import make_tiny_model
+    from megavrl.checkpoint.tiny import make_tiny_model
     from megavrl.rollout import RolloutConfig, RolloutEngine
     from tests.rollout.conftest import ENGINE_SETTINGS
 

@@ -7,11 +7,14 @@ with ``rope_scaling.mrope_section``), never written down per model size.
     cfg = build_configs("/path/to/Qwen2.5-VL-7B-Instruct", tp=2, pp=1)
     cfg.language            # megatron TransformerConfig of the text decoder
     cfg.vision              # megatron TransformerConfig of the vision blocks (vision.py builds it)
-    cfg.vision_sizes        # VisionSizes: depth, hidden, heads, patch/merge sizes, windows ...
+    cfg.text                # TextSizes (args.py): layers, widths, heads, vocabulary, M-RoPE ...
+    cfg.vision_sizes        # VisionSizes (args.py): depth, hidden, heads, patch/merge sizes, windows ...
     cfg.padded_vocab_size   # vocab padded to a multiple of 128 * TP, as Megatron pads it
 """
 from __future__ import annotations
 
+import copy
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from megavrl.checkpoint.mapping import AttentionGeometry, MappingContext
+from megavrl.models.qwen2_5_vl.args import TextSizes, VisionSizes
 
 SUPPORTED_MODEL_TYPE = "qwen2_5_vl"
 VOCAB_DIVISIBLE_BY = 128  # Megatron's --make-vocab-size-divisible-by default, multiplied by TP
@@ -47,17 +50,17 @@ def load_hf_config(source: Any):
     """A ``Qwen2_5_VLConfig`` from a HF directory, a config dict, or a config object.
 
     Refuses any other ``model_type`` with a message naming it, and a path that is not a local
-    HF directory (:func:`require_hf_dir`).
+    HF directory (:func:`require_hf_dir`). A directory's ``config.json`` is parsed once per process
+    (validation, the prompt builder, the actor and the reference model share it); each caller gets
+    its own copy, and a rewritten file is parsed again.
     """
-    from transformers import AutoConfig, PretrainedConfig
+    from transformers import PretrainedConfig
 
     if isinstance(source, (str, os.PathLike)):
         require_hf_dir(source)
-        model_type = _peek_model_type(source)
-        if model_type is not None and model_type != SUPPORTED_MODEL_TYPE:
-            raise ValueError(f"{source}: config.json has model_type={model_type!r}; megavrl supports "
-                             f"{SUPPORTED_MODEL_TYPE!r} (Qwen2.5-VL) only")
-        cfg = AutoConfig.from_pretrained(source)
+        path = os.path.join(os.path.realpath(source), "config.json")
+        stat = os.stat(path)
+        cfg = copy.deepcopy(_parse_hf_dir(os.path.dirname(path), (stat.st_mtime_ns, stat.st_size)))
     elif isinstance(source, dict):
         from transformers import Qwen2_5_VLConfig
 
@@ -75,6 +78,19 @@ def load_hf_config(source: Any):
     return cfg
 
 
+@functools.lru_cache(maxsize=8)
+def _parse_hf_dir(directory: str, stamp: tuple[int, int]):
+    """``AutoConfig`` of a local HF directory, after checking its model type; ``stamp`` (mtime, size
+    of config.json) keys the cache."""
+    from transformers import AutoConfig
+
+    model_type = _peek_model_type(directory)
+    if model_type is not None and model_type != SUPPORTED_MODEL_TYPE:
+        raise ValueError(f"{directory}: config.json has model_type={model_type!r}; megavrl supports "
+                         f"{SUPPORTED_MODEL_TYPE!r} (Qwen2.5-VL) only")
+    return AutoConfig.from_pretrained(directory)
+
+
 def _peek_model_type(directory) -> str | None:
     import json
     from pathlib import Path
@@ -85,68 +101,33 @@ def _peek_model_type(directory) -> str | None:
     return json.loads(path.read_text()).get("model_type")
 
 
-@dataclass(frozen=True)
-class TextSizes:
-    """Sizes of the text decoder, read from the HF config. Field names follow Megatron's."""
-
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    kv_channels: int
-    ffn_hidden_size: int
-    vocab_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    mrope_section: tuple[int, ...]
-    tie_word_embeddings: bool
-    max_position_embeddings: int
-    initializer_range: float
-    hidden_act: str
-
-    @classmethod
-    def from_hf(cls, hf_config) -> "TextSizes":
-        text = getattr(hf_config, "text_config", None) or hf_config
-        rope = dict(getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
-                    or getattr(hf_config, "rope_scaling", None) or {})
-        if "mrope_section" not in rope:
-            raise ValueError("HF config has no mrope_section (looked in text_config.rope_parameters and "
-                             "rope_scaling): not a Qwen2.5-VL config")
-        theta = rope.get("rope_theta", getattr(text, "rope_theta", None))
-        if theta is None:
-            raise ValueError("HF config has no rope_theta")
-        heads = int(text.num_attention_heads)
-        head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
-        mrope = tuple(int(x) for x in rope["mrope_section"])
-        if 2 * sum(mrope) != head_dim:
-            raise ValueError(f"mrope_section {list(mrope)} must sum to head_dim / 2 = {head_dim // 2}")
-        return cls(
-            num_layers=int(text.num_hidden_layers), hidden_size=int(text.hidden_size),
-            num_attention_heads=heads, num_query_groups=int(getattr(text, "num_key_value_heads", None) or heads),
-            kv_channels=head_dim, ffn_hidden_size=int(text.intermediate_size), vocab_size=int(text.vocab_size),
-            rms_norm_eps=float(text.rms_norm_eps), rope_theta=float(theta), mrope_section=mrope,
-            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-            max_position_embeddings=int(getattr(text, "max_position_embeddings", 32768)),
-            initializer_range=float(getattr(text, "initializer_range", 0.02)),
-            hidden_act=str(getattr(text, "hidden_act", "silu")))
-
-
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = VOCAB_DIVISIBLE_BY) -> int:
     """Round up to a multiple of ``divisible_by * tp``, as Megatron pads its vocabulary."""
     multiple = divisible_by * tp
     return (vocab_size + multiple - 1) // multiple * multiple
 
 
-def check_tp_pp(text: TextSizes, tp: int, pp: int) -> None:
-    """Refuse layouts the text decoder cannot be split into, naming the size that does not fit."""
-    for what, n in (("num_attention_heads", text.num_attention_heads),
-                    ("num_query_groups", text.num_query_groups),
-                    ("ffn_hidden_size", text.ffn_hidden_size)):
+def check_tp_pp(text: TextSizes, tp: int, pp: int, vision_heads: int | None = None,
+                options: tuple[str, str] | None = None) -> None:
+    """Refuse layouts the model cannot be split into, naming the size that does not fit (the one
+    check for the converter, the model builder and config validation).
+
+    vision_heads: the vision tower's heads, split over the same TP ranks.
+    options: the names the user set TP and PP with (e.g. ``("parallel.tp", "parallel.pp")``), added
+        to the message next to Megatron's names, with the HF name of the KV groups.
+    """
+    tp_name = "tensor_model_parallel_size" + (f" ({options[0]})" if options else "")
+    pp_name = "pipeline_model_parallel_size" + (f" ({options[1]})" if options else "")
+    groups = "num_query_groups" + (" (num_key_value_heads)" if options else "")
+    sizes = [("num_attention_heads", text.num_attention_heads), (groups, text.num_query_groups),
+             ("ffn_hidden_size", text.ffn_hidden_size)]
+    if vision_heads is not None:
+        sizes.append(("vision num_heads", vision_heads))
+    for what, n in sizes:
         if n % tp:
-            raise ValueError(f"{what}={n} is not divisible by tensor_model_parallel_size={tp}: choose a TP "
-                             f"size that divides it")
+            raise ValueError(f"{what}={n} is not divisible by {tp_name}={tp}: choose a TP size that divides it")
     if text.num_layers % pp:
-        raise ValueError(f"num_layers={text.num_layers} is not divisible by pipeline_model_parallel_size={pp}: "
+        raise ValueError(f"num_layers={text.num_layers} is not divisible by {pp_name}={pp}: "
                          f"choose a PP size that divides it")
 
 
@@ -192,7 +173,7 @@ class Qwen2_5_VLConfigs:
 
     hf_config: Any = field(repr=False)
     text: TextSizes
-    vision_sizes: Any  # megavrl.models.qwen2_5_vl.vision.VisionSizes
+    vision_sizes: VisionSizes
     language: Any  # TransformerConfig
     vision: Any  # TransformerConfig
     tp: int
@@ -216,15 +197,6 @@ class Qwen2_5_VLConfigs:
 
         return rope_index_kwargs(self.hf_config)
 
-    def mapping_context(self) -> MappingContext:
-        v = self.vision_sizes
-        return MappingContext(
-            tp_size=self.tp, vocab_size=self.text.vocab_size, padded_vocab_size=self.padded_vocab_size,
-            language=AttentionGeometry(self.text.num_attention_heads, self.text.num_query_groups,
-                                       self.text.kv_channels),
-            vision=AttentionGeometry(v.num_heads, v.num_heads, v.head_dim),
-            tie_word_embeddings=self.text.tie_word_embeddings)
-
 
 def build_configs(hf: Any, tp: int = 1, pp: int = 1, params_dtype: torch.dtype = torch.float32,
                   fused_kernels: bool | None = None, language_overrides: dict | None = None,
@@ -233,7 +205,7 @@ def build_configs(hf: Any, tp: int = 1, pp: int = 1, params_dtype: torch.dtype =
 
     Raises ValueError for another model type or a TP/PP that does not divide the sizes.
     """
-    from megavrl.models.qwen2_5_vl.vision import VisionSizes, vision_transformer_config
+    from megavrl.models.qwen2_5_vl.vision import vision_transformer_config
 
     hf_config = load_hf_config(hf)
     text = TextSizes.from_hf(hf_config)

@@ -1,10 +1,9 @@
 """The Qwen2.5-VL text decoder as a Megatron-Core ``GPTModel``: M-RoPE, GQA, QKV bias, RMSNorm,
 SwiGLU, tied or untied output layer, vocabulary padded for TP.
 
-Layer spec: Megatron's local modules on the CPU, Transformer Engine's on a GPU where TE imports.
-Both use separate norm modules (``input_layernorm``, ``pre_mlp_layernorm``) instead of TE's
-norm-fused linears, so the parameter names, and so the one mapping table in
-:mod:`megavrl.checkpoint.mapping`, are the same on both.
+Layer spec: :func:`megavrl.models.qwen2_5_vl.layer_spec.transformer_layer_spec` with a causal
+mask type (Megatron's local modules on the CPU, Transformer Engine's on a GPU where TE imports;
+the same parameter names on both).
 
 Core attention: :class:`~megavrl.models.qwen2_5_vl.sdpa_attention.SDPACoreAttention` (torch's
 fused SDPA) on the local spec, ``TEDotProductAttention`` on the TE spec. Both take mask type
@@ -22,7 +21,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megavrl.models.qwen2_5_vl.config import Qwen2_5_VLConfigs
-from megavrl.parallel.distributed import transformer_engine_available
+from megavrl.models.qwen2_5_vl.layer_spec import transformer_layer_spec
 
 
 def language_layer_spec(use_te: bool | None = None) -> ModuleSpec:
@@ -30,41 +29,7 @@ def language_layer_spec(use_te: bool | None = None) -> ModuleSpec:
 
     use_te: Transformer Engine modules; default when TE imports and CUDA is available.
     """
-    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-    from megatron.core.transformer.identity_op import IdentityOp
-    from megatron.core.transformer.mlp import MLP, MLPSubmodules
-    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
-
-    if use_te is None:
-        use_te = transformer_engine_available()
-    if use_te:
-        from megatron.core.extensions.transformer_engine import (TEColumnParallelLinear, TEDotProductAttention,
-                                                                 TENorm, TERowParallelLinear)
-        norm, column, row, core = TENorm, TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention
-    else:
-        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-        from megavrl.models.qwen2_5_vl.sdpa_attention import SDPACoreAttention
-
-        norm, column, row, core = WrappedTorchNorm, ColumnParallelLinear, RowParallelLinear, SDPACoreAttention
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=norm,
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.padding_causal},
-                submodules=SelfAttentionSubmodules(linear_qkv=column, core_attention=core, linear_proj=row,
-                                                   q_layernorm=IdentityOp, k_layernorm=IdentityOp),
-            ),
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
-            mlp_bda=get_bias_dropout_add,
-        ),
-    )
+    return transformer_layer_spec(AttnMaskType.padding_causal, use_te)
 
 
 def build_language_model(configs: Qwen2_5_VLConfigs, pre_process: bool, post_process: bool,

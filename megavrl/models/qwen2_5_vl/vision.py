@@ -23,8 +23,7 @@ fused SDPA batched over equal-length segments) and Transformer Engine's. Neither
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,91 +36,11 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megavrl.log import get_logger
+from megavrl.models.qwen2_5_vl.args import VISION_ACTIVATIONS, VISION_NORM_EPS, VisionSizes
+from megavrl.models.qwen2_5_vl.layer_spec import transformer_layer_spec
 from megavrl.models.qwen2_5_vl.vision_geometry import VisionGeometry, block_diagonal_mask
-from megavrl.parallel.distributed import transformer_engine_available
 
 log = get_logger(__name__)
-
-# HF's vision blocks and merger use RMSNorm with a fixed epsilon (not read from the config).
-VISION_NORM_EPS = 1e-6
-# Used by transformers when the vision config names no rope_theta (the published configs don't).
-DEFAULT_VISION_ROPE_THETA = 10000.0
-
-_ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu,
-                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
-
-
-@dataclass(frozen=True)
-class VisionSizes:
-    """The sizes of a Qwen2.5-VL vision tower, read from its HF vision config. Units: patches,
-    pixels for window_size, channels for the hidden sizes."""
-
-    depth: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    in_channels: int
-    patch_size: int
-    temporal_patch_size: int
-    spatial_merge_size: int
-    window_size: int
-    out_hidden_size: int
-    fullatt_block_indexes: tuple[int, ...]
-    hidden_act: str
-    rope_theta: float
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def patch_dim(self) -> int:
-        """Length of one flattened patch in pixel_values: C * T * P * P."""
-        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
-
-    @property
-    def merged_dim(self) -> int:
-        """Width of the merger's input: hidden_size for each of the m^2 patches of a merge unit."""
-        return self.hidden_size * self.spatial_merge_size ** 2
-
-    @classmethod
-    def from_hf(cls, hf_vision_config: Any) -> "VisionSizes":
-        """From a ``Qwen2_5_VLVisionConfig``, a full ``Qwen2_5_VLConfig`` or the dict of either
-        (``config.json``'s ``vision_config``; the published files say ``in_chans``)."""
-        cfg = hf_vision_config
-        if not isinstance(cfg, Mapping):
-            cfg = getattr(cfg, "vision_config", cfg)
-            cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else vars(cfg)
-        elif "vision_config" in cfg:
-            cfg = cfg["vision_config"]
-            cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else cfg
-
-        def need(key):
-            if key not in cfg:
-                raise ValueError(f"vision config has no {key!r} (keys: {sorted(cfg)})")
-            return cfg[key]
-
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        theta = rope.get("rope_theta", cfg.get("rope_theta", DEFAULT_VISION_ROPE_THETA))
-        sizes = cls(
-            depth=int(need("depth")), hidden_size=int(need("hidden_size")),
-            intermediate_size=int(need("intermediate_size")), num_heads=int(need("num_heads")),
-            in_channels=int(cfg.get("in_channels", cfg.get("in_chans", 3))),
-            patch_size=int(need("patch_size")), temporal_patch_size=int(need("temporal_patch_size")),
-            spatial_merge_size=int(need("spatial_merge_size")), window_size=int(need("window_size")),
-            out_hidden_size=int(need("out_hidden_size")),
-            fullatt_block_indexes=tuple(int(i) for i in need("fullatt_block_indexes")),
-            hidden_act=str(cfg.get("hidden_act", "silu")), rope_theta=float(theta))
-        if sizes.hidden_size % sizes.num_heads:
-            raise ValueError(f"vision hidden_size={sizes.hidden_size} is not divisible by num_heads={sizes.num_heads}")
-        if sizes.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"vision hidden_act={sizes.hidden_act!r} is not supported; "
-                             f"use one of {sorted(_ACTIVATIONS)}")
-        bad = [i for i in sizes.fullatt_block_indexes if not 0 <= i < sizes.depth]
-        if bad:
-            raise ValueError(f"fullatt_block_indexes {bad} are outside the {sizes.depth} vision blocks")
-        return sizes
-
 
 def vision_transformer_config(hf_vision_config: Any, *, tensor_model_parallel_size: int = 1,
                               params_dtype: torch.dtype = torch.float32, fused_kernels: bool | None = None,
@@ -153,7 +72,7 @@ def vision_transformer_config(hf_vision_config: Any, *, tensor_model_parallel_si
         num_layers=s.depth, hidden_size=s.hidden_size, ffn_hidden_size=s.intermediate_size,
         num_attention_heads=s.num_heads, num_query_groups=s.num_heads, kv_channels=s.head_dim,
         normalization="RMSNorm", layernorm_epsilon=VISION_NORM_EPS,
-        gated_linear_unit=True, activation_func=_ACTIVATIONS[s.hidden_act],
+        gated_linear_unit=True, activation_func=VISION_ACTIVATIONS[s.hidden_act],
         add_bias_linear=True, add_qkv_bias=True,
         hidden_dropout=0.0, attention_dropout=0.0,
         apply_query_key_layer_scaling=False, attention_softmax_in_fp32=True,
@@ -171,49 +90,11 @@ def vision_transformer_config(hf_vision_config: Any, *, tensor_model_parallel_si
 
 def vision_layer_spec(use_te: bool | None = None) -> ModuleSpec:
     """The ``ModuleSpec`` of one vision block: pre-norm self-attention (no mask type: the segments
-    come as packed-sequence boundaries) and a gated MLP.
+    come as packed-sequence boundaries) and a gated MLP, with the decoder layer's parameter names.
 
     use_te: Transformer Engine modules (GPU); default when it imports and CUDA is available.
-    Both variants use separate norm modules so that parameter names are the same
-    (``input_layernorm``, ``self_attention.linear_qkv``, ``self_attention.linear_proj``,
-    ``pre_mlp_layernorm``, ``mlp.linear_fc1``, ``mlp.linear_fc2``): one mapping table serves both.
     """
-    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-    from megatron.core.transformer.mlp import MLP, MLPSubmodules
-    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
-
-    if use_te is None:
-        use_te = transformer_engine_available()
-    if use_te:
-        from megatron.core.extensions.transformer_engine import (TEColumnParallelLinear, TEDotProductAttention,
-                                                                 TENorm, TERowParallelLinear)
-        norm, column, row = TENorm, TEColumnParallelLinear, TERowParallelLinear
-        core_attention = TEDotProductAttention
-    else:
-        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-        from megavrl.models.qwen2_5_vl.sdpa_attention import SDPACoreAttention
-
-        norm, column, row = WrappedTorchNorm, ColumnParallelLinear, RowParallelLinear
-        core_attention = SDPACoreAttention
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=norm,
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.no_mask},
-                submodules=SelfAttentionSubmodules(linear_qkv=column, core_attention=core_attention,
-                                                   linear_proj=row),
-            ),
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
-            mlp_bda=get_bias_dropout_add,
-        ),
-    )
+    return transformer_layer_spec(AttnMaskType.no_mask, use_te)
 
 
 class PatchEmbed(torch.nn.Module):

@@ -6,9 +6,11 @@ For each HF directory given, at (TP, PP) = (1, 1) [DP 2], (2, 1) and (1, 2), eve
 2. exports the sharded model back to HF tensors (``export_hf_weights``, every rank) and compares
    each with the tensor on disk, bit for bit, and the set of names with the checkpoint's
    -- prints ``EXPORT <preset> <tp> <pp> rank=<r> tensors=<n>``;
-3. backpropagates a next-token NLL through Megatron's pipeline schedule and compares every
-   gradient (except the embedding/output, whose tied copies are summed by the trainer's grad
-   finalisation) with transformers' -- prints ``GRADS <preset> <tp> <pp> rank=<r> worst=<d>``.
+3. backpropagates a next-token NLL through Megatron's pipeline schedule with the trainer's DDP
+   wrapper and grad finalisation (data-parallel reduction; with tied embeddings at PP=2 the first
+   stage's embedding gradient and the last stage's output-layer gradient are summed) and compares
+   every gradient, embedding and output layer included, with transformers'
+   -- prints ``GRADS <preset> <tp> <pp> rank=<r> worst=<d> tensors=<n>``.
 Any mismatch raises, so the test sees a non-zero exit.
 """
 from __future__ import annotations
@@ -63,16 +65,21 @@ def _nll(logits_or_logp, input_ids, attention_mask, vocab, vocab_parallel):
 
 
 def check_grads(hf_dir, preset, tp, pp, rank) -> None:
+    from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from megavrl.checkpoint.hf_io import export_hf_weights
     from megavrl.checkpoint.mapping import to_published
     from megavrl.models.qwen2_5_vl.model import MODEL_INPUTS
-    from megavrl.models.qwen2_5_vl.parity import build_parity_batches
+    from megavrl.checks.parity import build_parity_batches
+    from megavrl.rl.optim import wrap_ddp
 
     batch = build_parity_batches(hf_dir, ("mixed",))["mixed"]
     model, configs = _build(hf_dir, tp, pp)
+    (ddp,) = wrap_ddp([model], configs.language, use_distributed_optimizer=False)  # as the trainer's actor
+    configs.language.finalize_model_grads_func = finalize_model_grads
+    configs.language.no_sync_func = ddp.no_sync
     vocab = configs.vocab_size
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
@@ -82,10 +89,13 @@ def check_grads(hf_dir, preset, tp, pp, rank) -> None:
         return out, lambda output: (lambda loss: (loss, {"loss": loss.detach()}))(
             _nll(output, data["input_ids"], data["attention_mask"], vocab, True))
 
-    model.zero_grad()
-    losses = get_forward_backward_func()(forward_step_func=step, data_iterator=iter([inputs]), model=[model],
+    ddp.zero_grad_buffer()
+    losses = get_forward_backward_func()(forward_step_func=step, data_iterator=iter([inputs]), model=[ddp],
                                          num_microbatches=1, seq_length=batch["input_ids"].shape[1],
                                          micro_batch_size=batch["input_ids"].shape[0], forward_only=False)
+    for p in model.parameters():  # DDP accumulates into main_grad; export reads .grad
+        if p.requires_grad:
+            p.grad = p.main_grad
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32,
                                                             attn_implementation="eager")
     ref_loss = _nll(hf_logits_with_grad(hf, batch), batch["input_ids"], batch["attention_mask"], vocab, False)
@@ -93,14 +103,16 @@ def check_grads(hf_dir, preset, tp, pp, rank) -> None:
     if losses:
         assert abs(losses[0]["loss"].item() - ref_loss.item()) < 1e-5, (losses[0]["loss"].item(), ref_loss.item())
     ref = {to_published(n): p.grad for n, p in hf.named_parameters() if p.grad is not None}
-    worst = 0.0
+    worst, seen = 0.0, set()
     for name, grad in export_hf_weights(model, ranks="all", of="grads"):
-        if name in ("model.embed_tokens.weight", "lm_head.weight"):
-            continue
         diff = (grad - ref[name]).abs().max().item()
         assert diff <= GRAD_ATOL + GRAD_RTOL * ref[name].abs().max().item(), (name, diff)
         worst = max(worst, diff)
-    print(f"GRADS {preset} {tp} {pp} rank={rank} worst={worst:.2e}", flush=True)
+        seen.add(name)
+    # the embedding (tied: holding both uses' gradient) and, untied, the output layer were compared
+    assert "model.embed_tokens.weight" in seen and ("lm_head.weight" in seen) == ("lm_head.weight" in ref), seen
+    assert seen == set(ref), sorted(set(ref) ^ seen)
+    print(f"GRADS {preset} {tp} {pp} rank={rank} worst={worst:.2e} tensors={len(seen)}", flush=True)
 
 
 def hf_logits_with_grad(hf, batch):
@@ -124,7 +136,7 @@ def check_freeze(hf_dir) -> None:
 
 
 def main(hf_dirs: list[str]) -> None:
-    from megavrl.models.qwen2_5_vl.parity import check_parity
+    from megavrl.checks.parity import check_parity
     from megavrl.parallel import destroy_distributed
 
     torch.set_num_threads(1)

@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megavrl.models.qwen2_5_vl.config import TextSizes, build_configs, load_hf_config, padded_vocab_size
+from megavrl.checkpoint.mapping import mapping_context
+from megavrl.models.qwen2_5_vl.args import TextSizes
+from megavrl.models.qwen2_5_vl.config import build_configs, load_hf_config, padded_vocab_size
 
 
 def _flat_published_config(nested: dict) -> dict:
@@ -43,7 +45,7 @@ def test_sizes_come_from_the_hf_config(tiny_hf_dir):
     assert (v.patch_size, v.temporal_patch_size, v.spatial_merge_size, v.window_size) == (14, 2, 2, 56)
     assert v.fullatt_block_indexes == (2,) and cfg.hf_config.vision_config.tokens_per_second == 2
     assert cfg.vision.num_layers == 4 and cfg.vision.tensor_model_parallel_size == 2
-    ctx = cfg.mapping_context()
+    ctx = mapping_context(cfg)
     assert (ctx.tp_size, ctx.padded_vocab_size, ctx.language.num_query_groups, ctx.vision.num_heads) == (2, 768, 2, 2)
     assert cfg.rope_index_kwargs()["video_token_id"] == cfg.video_token_id
 

@@ -188,7 +188,8 @@ def test_freeze_flags(megatron_tp1, reference):
 
 def test_sizes_from_published_config_dict():
     """The published config.json's vision_config says in_chans and names no rope_theta."""
-    from megavrl.models.qwen2_5_vl.vision import VisionSizes, vision_transformer_config
+    from megavrl.models.qwen2_5_vl.args import VisionSizes
+    from megavrl.models.qwen2_5_vl.vision import vision_transformer_config
 
     published = {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
                  "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14,

@@ -70,9 +70,10 @@ def hf_vision_reference(hf_dir: str | Path, sharpen: float = QKV_SHARPEN):
 
 def vision_mapping_context(hf_config, tp_size: int):
     """The mapping table's context for this checkpoint at ``tp_size``, as the loaders build it."""
+    from megavrl.checkpoint.mapping import mapping_context
     from megavrl.models.qwen2_5_vl.config import build_configs
 
-    return build_configs(hf_config, tp=tp_size).mapping_context()
+    return mapping_context(build_configs(hf_config, tp=tp_size))
 
 
 def load_vision_weights(model, hf_state: dict, hf_config, tp_rank: int, tp_size: int) -> None:

@@ -40,6 +40,19 @@ def test_eval_writes_predictions_metrics_and_report(run_config, capsys):
     assert set(metrics["benchmarks"]) == {f"{p['benchmark']}" for p in predictions}
     assert "| " in (root / "eval" / "metrics.md").read_text()
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == len(val_rows)
+    # metrics.json follows from predictions.jsonl: each raw response re-scored against its row and
+    # aggregated with the project's metric functions gives every number of metrics.json.
+    from megavrl.eval.predictions import evaluate_predictions
+    from megavrl.rewards import RewardConfig
+
+    rows = {r["id"]: r for r in map(json.loads, val_rows)}
+    assert all(p["ground_truth"]["question"] == rows[p["id"]]["question"] for p in predictions)
+    raw = [{k: p[k] for k in ("id", "task", "benchmark", "response", "ground_truth")} for p in predictions]
+    rescored, recomputed = evaluate_predictions(raw, RewardConfig())
+    assert recomputed == metrics
+    assert [(r["iou"], r["correct"], r["parse_ok"]) for r in rescored] == \
+        [(p["iou"], p["correct"], p["parse_ok"]) for p in predictions]
+    assert metrics["overall"]["n_parse_failures"] == sum(not p["parse_ok"] for p in predictions)
 
 
 def test_select_drops_rows_whose_rewards_are_all_the_same(run_config):
@@ -76,3 +89,26 @@ def test_select_drops_rows_whose_rewards_are_all_the_same(run_config):
     layered = load_config([path, out / "data.yaml"])  # the selection is a config layer
     assert layered.data.train[0].json_path == str((out / "selected.jsonl").resolve())
     assert selected[0]["video"].startswith("/")
+
+
+def test_eval_with_two_engines_writes_what_one_engine_writes(run_config):
+    """rollout.engines=2: two processes (one engine each, torchrun started by the command) decode
+    half of the rows each; the merged predictions are the one-engine run's, in the same order."""
+    import subprocess
+    import sys
+
+    path, root = run_config
+    out = root / "eval2"
+    proc = subprocess.run([sys.executable, "-m", "megavrl.cli", "eval", "--config", str(path), "--out", str(out),
+                           "rollout.engines=2"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    if not (root / "eval" / "predictions.jsonl").is_file():  # run alone: make the one-engine reference
+        from megavrl.cli import main
+
+        assert main(["eval", "--config", str(path), "--out", str(root / "eval")]) == 0
+    one = (root / "eval" / "predictions.jsonl").read_text().splitlines()
+    two = (out / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(x)["id"] for x in two] == [json.loads(x)["id"] for x in one]
+    assert two == one
+    assert json.loads((out / "metrics.json").read_text())["benchmarks"] == \
+        json.loads((root / "eval" / "metrics.json").read_text())["benchmarks"]

@@ -2,7 +2,7 @@
 
 Typed in a shell it re-launches itself under torchrun with T * P processes
 (:func:`megavrl.parallel.ensure_launched`); under torchrun each process is one rank of the check
-(:func:`megavrl.models.qwen2_5_vl.parity.run_worker`). Rank 0 prints one JSON line.
+(:func:`megavrl.checks.parity.run_worker`). Rank 0 prints one JSON line.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from megavrl.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from megavrl.models.qwen2_5_vl.parity import KINDS
+    from megavrl.checks.parity import KINDS
 
     p = sub.add_parser(
         "check-parity",
@@ -54,7 +54,7 @@ def _check_parity(args: argparse.Namespace) -> int:
     code = ensure_launched(args.tp * args.pp)
     if code is not None:
         return code
-    from megavrl.models.qwen2_5_vl.parity import KINDS, run_worker
+    from megavrl.checks.parity import KINDS, run_worker
 
     kinds = tuple(k for k in args.kinds.split(",") if k)
     unknown = sorted(set(kinds) - set(KINDS))

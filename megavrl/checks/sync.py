@@ -1,20 +1,11 @@
-"""``megavrl check-sync``: prove that the weight sync makes vLLM sample from the trainer's policy.
-
-Megatron loads the HF directory at the given TP/PP; vLLM starts from a copy of it whose weights
-are re-randomised, so only the sync can make the two agree. After the sync, vLLM samples from a
-video prompt and Megatron re-scores the sampled tokens:
-
-    token_mult_prob_error = mean over tokens of exp(|logp_megatron - logp_vllm|)   (1.0 = equal)
-
-With ``--step-check`` it then takes one optimizer step (cross-entropy on the samples, a large
-learning rate), measures again without syncing (the two must disagree), syncs and measures a third
-time (they must agree again). Prints one JSON line.
+"""The weight-sync check behind ``megavrl check-sync`` (:mod:`megavrl.commands.check_sync` says
+what it proves and prints): vLLM starts from re-randomised weights, the trainer's own sync
+(``MegatronActor.sync_weights_into``) streams the Megatron weights in, vLLM samples and Megatron
+re-scores the samples (``token_mult_prob_error``; 1.0 = equal); ``--step-check`` adds an optimizer
+step with the trainer's SFT loss, a measurement before the next sync and one after it.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import shutil
 import tempfile
 import time
@@ -70,15 +61,13 @@ class SyncProbe:
         self.n, self.max_new_tokens, self.pad_id = n, max_new_tokens, pad_id
 
     def sync(self) -> dict:
-        stream = self.actor.export_hf_ranks0()
-        if self.engine is not None:
-            return self.engine.update_weights(stream).as_dict()
-        for _ in stream:
-            pass
-        return {}
+        """The trainer's own weight sync (``MegatronActor.sync_weights_into``)."""
+        stats = self.actor.sync_weights_into(self.engine)
+        return stats.as_dict() if stats is not None else {}
 
     def sample(self, seed: int):
-        from megavrl.rl.experience import grpo_sequences, rollout_prompt
+        from megavrl.rl.experience import grpo_sequences
+        from megavrl.rollout.inputs import rollout_prompt
 
         seqs = None
         if self.engine is not None:
@@ -110,17 +99,15 @@ class SyncProbe:
         return {"token_mult_prob_error": total.get("sum_exp", 0.0) / n,
                 "mean_abs_logprob_diff": total.get("sum_abs", 0.0) / n, "tokens": int(total.get("n", 0))}
 
-    def sft_step(self, sequences, lr_scale_loss: float = 1.0) -> None:
+    def sft_step(self, sequences) -> None:
+        """One optimizer step of the trainer's SFT loss on ``sequences``."""
         from megavrl.rl.batch import collate, padded_length
+        from megavrl.rl.policy_loss import sft_loss
 
         seq_len = padded_length(sequences)
         batch = collate(sequences, self.pad_id, seq_len)
         n_tok = float(batch["loss_mask"].sum())
-
-        def loss_fn(b, logprobs, entropy):
-            nll = -(logprobs * b["loss_mask"]).sum() / n_tok * lr_scale_loss
-            return nll, {"loss": nll.item()}
-        self.actor.train_step([batch], seq_len, loss_fn)
+        self.actor.train_step([batch], seq_len, lambda b, logprobs, entropy: sft_loss(logprobs, b["loss_mask"], n_tok))
 
 
 def check_sync(hf_dir: str, tp: int, pp: int, video: str | None = None, n: int = 4, max_new_tokens: int = 24,
@@ -128,10 +115,11 @@ def check_sync(hf_dir: str, tp: int, pp: int, video: str | None = None, n: int =
     """Run the check on every rank of a TP*PP job; returns the report on rank 0, None elsewhere."""
     from transformers import AutoTokenizer
 
-    from megavrl.config import OptimizerConfig
+    from megavrl.rl.config import OptimizerConfig
     from megavrl.parallel.distributed import init_distributed
     from megavrl.rl.actor import MegatronActor
-    from megavrl.rollout.engine import RolloutConfig, RolloutEngine
+    from megavrl.rollout.config import RolloutConfig
+    from megavrl.rollout.engine import RolloutEngine
 
     layout = init_distributed(tp=tp, pp=pp, seed=seed)
     rank0 = layout.rank == 0
@@ -166,39 +154,3 @@ def check_sync(hf_dir: str, tp: int, pp: int, video: str | None = None, n: int =
             engine.shutdown()
         if rank0:
             shutil.rmtree(workdir, ignore_errors=True)
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("check-sync", help="check that the Megatron -> vLLM weight sync makes both score alike",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf-dir", required=True, help="Hugging Face Qwen2.5-VL directory")
-    p.add_argument("--tp", type=int, default=1, help="Megatron tensor-parallel size")
-    p.add_argument("--pp", type=int, default=1, help="Megatron pipeline-parallel size")
-    p.add_argument("--video", default=None, help="video for the probe prompt (default: a synthetic one)")
-    p.add_argument("--n", type=int, default=4, help="samples drawn by vLLM")
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--step-check", action="store_true",
-                   help="also show disagreement after an optimizer step and agreement after the next sync")
-    p.set_defaults(func=_main)
-
-
-def _main(args) -> int:
-    from megavrl.checkpoint.hf_io import HFCheckpointReader
-    from megavrl.errors import UserError
-    from megavrl.models.qwen2_5_vl.config import require_hf_dir
-    from megavrl.parallel.launch import ensure_launched
-
-    require_hf_dir(args.hf_dir, "--hf-dir")  # before starting processes, each of which would fail alike
-    HFCheckpointReader(args.hf_dir).close()  # a missing or truncated safetensors file, named
-    if args.video is not None and not os.path.isfile(args.video):
-        raise UserError(f"--video {args.video!r} is not a file")
-    launched = ensure_launched(args.tp * args.pp)
-    if launched is not None:
-        return launched
-    from megavrl.parallel.distributed import finish_distributed
-
-    report = check_sync(args.hf_dir, args.tp, args.pp, args.video, args.n, args.max_new_tokens, args.step_check)
-    finish_distributed()
-    if report is not None:
-        print(json.dumps(report), flush=True)
-    return 0

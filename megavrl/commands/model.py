@@ -5,7 +5,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from megavrl.models.qwen2_5_vl.tiny import PRESETS
+    from megavrl.models.qwen2_5_vl.args import TINY_PRESETS
 
     p = sub.add_parser(
         "make-tiny-model",
@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "transformers, vLLM and megavrl; deterministic from --seed.",
     )
     p.add_argument("--out", required=True, help="directory to create")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+    p.add_argument("--preset", default="tiny", choices=sorted(TINY_PRESETS),
                    help="tiny: untied embeddings (like 7B); tiny-tied: tied (like 3B). Default: tiny")
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
     p.add_argument("--layout", default="published", choices=["published", "transformers"],
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
-    from megavrl.models.qwen2_5_vl.tiny import make_tiny_model
+    from megavrl.checkpoint.tiny import make_tiny_model
 
     make_tiny_model(args.out, preset=args.preset, seed=args.seed, layout=args.layout, force=args.force)
     return 0

@@ -5,7 +5,8 @@ generation_config.json, model.safetensors (random weights), a byte-level BPE tok
 the fly that holds the Qwen special tokens, the Qwen2.5-VL chat template, and the image/video
 processor configs. Nothing is downloaded; the same seed gives the same bytes.
 
-The presets keep the properties that matter for correctness tests of a real model:
+The presets (their sizes: :data:`megavrl.models.qwen2_5_vl.args.TINY_PRESETS`) keep the properties
+that matter for correctness tests of a real model:
 - text head_dim 64 (vLLM's CPU attention rejects head_dim < 32), GQA with 2 KV heads, QKV bias,
   mrope_section summing to head_dim / 2;
 - a vocabulary that is not a multiple of 128, so Megatron's vocab padding is exercised;
@@ -19,10 +20,12 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
+from megavrl.checkpoint.mapping import HF_OUTPUT, to_published
 from megavrl.log import get_logger
+from megavrl.models.qwen2_5_vl.args import TINY_PRESETS, TinyPreset
 
 log = get_logger(__name__)
 
@@ -64,40 +67,6 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-
-@dataclass(frozen=True)
-class TinyPreset:
-    """Sizes of a tiny Qwen2.5-VL. Field names follow the HF config."""
-
-    # text
-    hidden_size: int = 256
-    intermediate_size: int = 512
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    mrope_section: tuple[int, int, int] = (8, 12, 12)
-    rope_theta: float = 1_000_000.0
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = False
-    bpe_vocab_size: int = 1000  # tokens learned by BPE, special tokens come on top
-    # vision
-    vision_depth: int = 4
-    vision_hidden_size: int = 128
-    vision_intermediate_size: int = 256
-    vision_num_heads: int = 2
-    vision_fullatt_block_indexes: tuple[int, ...] = (2,)
-    vision_window_size: int = 56
-    tokens_per_second: int = 2
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
-    extra: dict = field(default_factory=dict)
-
-
-PRESETS: dict[str, TinyPreset] = {
-    "tiny": TinyPreset(),
-    "tiny-tied": TinyPreset(tie_word_embeddings=True),
-}
 
 # Words the BPE trainer sees, so prompts of the synthetic tasks tokenize into a few pieces each.
 _CORPUS_WORDS = (
@@ -174,38 +143,21 @@ def build_config(preset: TinyPreset, tokenizer):
     if vocab_size % 128 == 0:
         vocab_size += 8
     text = dict(
-        vocab_size=vocab_size,
-        hidden_size=preset.hidden_size,
-        intermediate_size=preset.intermediate_size,
-        num_hidden_layers=preset.num_hidden_layers,
-        num_attention_heads=preset.num_attention_heads,
-        num_key_value_heads=preset.num_key_value_heads,
-        hidden_act="silu",
-        max_position_embeddings=32768,
+        vocab_size=vocab_size, hidden_size=preset.hidden_size, intermediate_size=preset.intermediate_size,
+        num_hidden_layers=preset.num_hidden_layers, num_attention_heads=preset.num_attention_heads,
+        num_key_value_heads=preset.num_key_value_heads, hidden_act="silu", max_position_embeddings=32768,
         rms_norm_eps=preset.rms_norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": preset.rope_theta,
                          "mrope_section": list(preset.mrope_section)},
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=preset.tie_word_embeddings,
-        use_cache=True,
-    )
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=preset.tie_word_embeddings, use_cache=True)
     vision = dict(
-        depth=preset.vision_depth,
-        hidden_size=preset.vision_hidden_size,
-        intermediate_size=preset.vision_intermediate_size,
-        num_heads=preset.vision_num_heads,
-        hidden_act="silu",
-        in_channels=3,
-        patch_size=preset.patch_size,
-        spatial_merge_size=preset.spatial_merge_size,
-        temporal_patch_size=preset.temporal_patch_size,
-        tokens_per_second=preset.tokens_per_second,
-        window_size=preset.vision_window_size,
-        out_hidden_size=preset.hidden_size,
-        fullatt_block_indexes=list(preset.vision_fullatt_block_indexes),
-    )
+        depth=preset.vision_depth, hidden_size=preset.vision_hidden_size,
+        intermediate_size=preset.vision_intermediate_size, num_heads=preset.vision_num_heads, hidden_act="silu",
+        in_channels=3, patch_size=preset.patch_size, spatial_merge_size=preset.spatial_merge_size,
+        temporal_patch_size=preset.temporal_patch_size, tokens_per_second=preset.tokens_per_second,
+        window_size=preset.vision_window_size, out_hidden_size=preset.hidden_size,
+        fullatt_block_indexes=list(preset.vision_fullatt_block_indexes))
     return Qwen2_5_VLConfig(
         text_config=text,
         vision_config=vision,
@@ -233,18 +185,6 @@ def build_processor(preset: TinyPreset, tokenizer):
                                chat_template=CHAT_TEMPLATE)
 
 
-def _to_published_layout(state_dict: dict) -> dict:
-    """Rename transformers' in-memory names to the on-disk names of Qwen's published checkpoints."""
-    out = {}
-    for name, tensor in state_dict.items():
-        if name.startswith("model.visual."):
-            name = "visual." + name[len("model.visual."):]
-        elif name.startswith("model.language_model."):
-            name = "model." + name[len("model.language_model."):]
-        out[name] = tensor
-    return out
-
-
 def make_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0,
                     layout: str = "published", force: bool = False) -> Path:
     """Write a random tiny Qwen2.5-VL Hugging Face directory to ``out`` and return its path.
@@ -256,8 +196,8 @@ def make_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0,
     call never leaves a half-written model behind. Files and directories get the modes the
     umask gives (0644 / 0755 under umask 022), like any file the user creates.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if preset not in TINY_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(TINY_PRESETS)}")
     if layout not in ("published", "transformers"):
         raise ValueError(f"layout must be 'published' or 'transformers', not {layout!r}")
     out = Path(out)
@@ -272,7 +212,7 @@ def make_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0,
     from safetensors.torch import save
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
-    p = PRESETS[preset]
+    p = TINY_PRESETS[preset]
     tokenizer = build_tokenizer(p.bpe_vocab_size)
     config = build_config(p, tokenizer)
 
@@ -280,9 +220,9 @@ def make_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0,
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    if layout == "published":
-        state = _to_published_layout(state)
+        state.pop(HF_OUTPUT, None)
+    if layout == "published":  # transformers' in-memory names -> the names of Qwen's released files
+        state = {to_published(name): tensor for name, tensor in state.items()}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     # Not tempfile.mkdtemp (mode 0700) nor safetensors' save_file (0600): plain mkdir and open

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.models.qwen2_5_vl.test_tiny import write_mp4
+from tests.checkpoint.test_tiny import write_mp4
 from tests.parallel.torchrun import REPO_ROOT
 
 

@@ -7,7 +7,7 @@ of the directory, batch of 2 with left padding: text-only prompts, image prompts
 images), video prompts (frames of a given video decoded with decord, or synthetic frames), and a
 mixed batch (image + video in one row, video in the other). Logits are compared on real (not
 padded) tokens over the real vocabulary; the vision tower's merged embeddings are compared on the
-first stage. The CLI is ``megavrl check-parity`` (:mod:`megavrl.models.qwen2_5_vl.parity_command`).
+first stage. The CLI is ``megavrl check-parity`` (:mod:`megavrl.commands.check_parity`).
 """
 from __future__ import annotations
 
@@ -181,7 +181,7 @@ def check_parity(hf_dir: str | os.PathLike, tp: int = 1, pp: int = 1, video: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of one worker: ``python -m megavrl.models.qwen2_5_vl.parity --hf-dir D --tp T --pp P``."""
+    """Entry point of one worker: ``python -m megavrl.checks.parity --hf-dir D --tp T --pp P``."""
     import argparse
 
     p = argparse.ArgumentParser()

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from megavrl.models.qwen2_5_vl.tiny import PRESETS, SPECIAL_TOKENS, make_tiny_model
+from megavrl.checkpoint.tiny import SPECIAL_TOKENS, make_tiny_model
+from megavrl.models.qwen2_5_vl.args import TINY_PRESETS
 
 
 def write_mp4(path, frames=16, height=120, width=160, fps=8):
@@ -76,7 +77,7 @@ def test_same_seed_same_bytes_and_refusals(tmp_path):
         make_tiny_model(a, "tiny")
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         make_tiny_model(tmp_path / "d", "huge")
-    assert set(PRESETS) >= {"tiny", "tiny-tied"}
+    assert set(TINY_PRESETS) >= {"tiny", "tiny-tied"}
 
 
 def test_published_layout_names(tiny_hf_dir, tiny_tied_hf_dir):

@@ -86,7 +86,8 @@ def _precheck_hf_to_megatron(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from megavrl.checkpoint.hf_io import HFCheckpointReader
-    from megavrl.models.qwen2_5_vl.config import TextSizes, check_tp_pp, load_hf_config, require_hf_dir
+    from megavrl.models.qwen2_5_vl.args import TextSizes
+    from megavrl.models.qwen2_5_vl.config import check_tp_pp, load_hf_config, require_hf_dir
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:

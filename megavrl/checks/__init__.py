@@ -1,0 +1,5 @@
+"""Diagnostics on the top floor: they may import anything, nothing imports them.
+
+- :mod:`megavrl.checks.parity`: Megatron logits against transformers' at any TP/PP (``megavrl check-parity``).
+- :mod:`megavrl.checks.sync`: vLLM samples from the trainer's policy after the weight sync (``megavrl check-sync``).
+"""
