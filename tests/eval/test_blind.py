@@ -114,3 +114,21 @@ def test_console_summary_shows_the_blind_baseline_beside_each_metric():
     assert eval_summary_lines(before, after) == [
         "  eval rows: before 8 -> after 8",
         "  eval synth_val/tvg/mIoU: before 3.00 -> after 40.25  (blind baseline 12.50)"]
+
+
+def test_stage_table_lists_each_run_before_after_beside_the_blind_baseline(tmp_path, capsys):
+    from megavrl.eval.report import write_metrics_json
+    from megavrl.eval.summary import main
+
+    rows = _split(0, n=4, step=0.5)
+    _, metrics = evaluate_predictions(rows)
+    for run in ("sft", "grpo"):
+        for tag in ("before", "after"):
+            write_metrics_json(tmp_path / run / "eval" / tag / "metrics.json", metrics)
+    assert main([f"SFT={tmp_path / 'sft'}", f"GRPO={tmp_path / 'grpo'}", f"X={tmp_path / 'missing'}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["benchmark", "metric", "blind", "SFT", "before", "->", "after", "GRPO", "before",
+                                "->", "after", "X", "before", "->", "after"]
+    blind = metrics["benchmarks"]["tvg"]["blind_baseline"]["mIoU"]
+    assert lines[1].split() == ["tvg", "mIoU", f"{blind:.2f}", "0.00", "->", "0.00", "0.00", "->", "0.00", "-", "->", "-"]
+    assert [line.split()[:2] for line in lines[2:]] == [["mcq", "accuracy"], ["gqa", "Acc@GQA"]]
