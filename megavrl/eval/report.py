@@ -119,6 +119,18 @@ def write_metrics_markdown(path: PathLike, metrics: Mapping[str, Any], digits: i
     return _write_atomic(path, metrics_markdown(metrics, digits))
 
 
+def headline_keys(flat: Mapping[str, Any]) -> list[str]:
+    """The keys of flat metrics (``<benchmark>/<metric>``) worth a console line: the overall score,
+    the rows scored, and each benchmark's primary metric and parse failures."""
+    keys = [k for k in ("overall/mean_primary", "rows") if k in flat]
+    for key in flat:
+        benchmark, _, metric = key.rpartition("/")
+        task = benchmark.rpartition("/")[2]
+        if task in PRIMARY_METRIC and metric in (PRIMARY_METRIC[task], "n_parse_failures"):
+            keys.append(key)
+    return keys
+
+
 def write_report(out_dir: PathLike, scored: Iterable[Mapping[str, Any]], metrics: Mapping[str, Any],
                  prefix: Optional[str] = None) -> dict[str, Path]:
     """Write predictions.jsonl, metrics.json and metrics.md into ``out_dir`` (optionally prefixed,

@@ -673,11 +673,15 @@ class Trainer:
         return broadcast_object(result)
 
     def _print_summary(self, summary: dict) -> None:
+        from megavrl.console import fmt
+        from megavrl.eval.report import headline_keys
+
         lines = [f"megavrl train: {summary['step']} steps{' (interrupted)' if summary['interrupted'] else ''}"]
-        keys = sorted(set(summary["before"]) | set(summary["after"]))
-        for k in keys:
+        for k in headline_keys({**summary["before"], **summary["after"]}):
             b, a = summary["before"].get(k), summary["after"].get(k)
-            if isinstance(b, (int, float)) or isinstance(a, (int, float)):
-                lines.append(f"  eval {k}: before {b if b is not None else '-'} -> after {a if a is not None else '-'}")
+            lines.append(f"  eval {k}: before {fmt(b)} -> after {fmt(a)}")
+        if summary["before"] or summary["after"]:
+            eval_dir = Path(self.cfg.eval.output_dir or self.output_dir / "eval")
+            lines.append(f"  every metric: {eval_dir}/{{before,after}}/metrics.md")
         lines.append(f"  TensorBoard logs: {summary['tensorboard']}  (tensorboard --logdir {summary['tensorboard']})")
         print("\n".join(lines), flush=True)

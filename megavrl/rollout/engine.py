@@ -183,7 +183,11 @@ class RolloutEngine:
             else:
                 log.info("sleep mode is not available on vLLM's CPU backend: starting without it; "
                          "sleep() and wake_up() will do nothing")
+        from megavrl.console import filter_library_handlers, verbose
+
+        kwargs["use_tqdm_on_load"] = verbose()  # the weights of a local directory load in a blink
         kwargs.update(config.engine_kwargs)
+        filter_library_handlers()  # transformers' processor warnings while the engine starts
         start = time.perf_counter()
         # vLLM's engine and worker processes are spawned inside LLM() and inherit this environment.
         no_dynamo = self.on_cpu and not config.cpu_compile_sampler
