@@ -176,3 +176,9 @@ def fmt(value, digits: int = 4) -> str:
     if isinstance(value, int) or (math.isfinite(value) and value == int(value) and abs(value) < 1e15):
         return str(int(value))
     return f"{value:.{digits}g}"
+
+
+def rounded(values: dict, digits: int = 4) -> dict:
+    """``values`` with its floats cut to ``digits`` significant digits, for a printed JSON line."""
+    return {k: float(f"{v:.{digits}g}") if isinstance(v, float) and math.isfinite(v) else v
+            for k, v in values.items()}

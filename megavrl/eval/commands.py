@@ -77,19 +77,32 @@ def _engine(cfg, hf_dir):
 
 
 def _eval(args) -> int:
+    from megavrl.console import rounded
     from megavrl.eval.runner import run_eval
 
     cfg, hf_dir, builder = _setup(args)
     out = Path(args.out or cfg.eval.output_dir or Path(cfg.trainer.output_dir) / "eval")
     with _engine(cfg, hf_dir) as engine:
-        metrics = run_eval(engine, cfg, builder, out)
-    print(json.dumps({k: v for k, v in metrics.items() if "/" not in k or k.startswith("overall")}))
+        metrics = run_eval(engine, cfg, builder, out, step=_checkpoint_step(cfg.model.megatron_ckpt))
+    print(json.dumps(rounded({k: v for k, v in metrics.items() if "/" not in k or k.startswith("overall")})))
     return 0
+
+
+def _checkpoint_step(ckpt: str | None) -> int | None:
+    """The training step of a Megatron checkpoint (its marker file), None for an HF directory."""
+    if not ckpt:
+        return None
+    from megavrl.checkpoint.convert import resolve_checkpoint
+
+    marker = resolve_checkpoint(ckpt) / "megavrl_checkpoint.json"
+    step = json.loads(marker.read_text()).get("step") if marker.is_file() else None
+    return step if isinstance(step, int) else None
 
 
 def _select(args) -> int:
     from tqdm import tqdm
 
+    from megavrl.console import rounded
     from megavrl.data.datasets import VideoTaskDataset
     from megavrl.rl import select_by_reward_variance
     from megavrl.rl.experience import rollout_prompt, score_groups
@@ -123,7 +136,7 @@ def _select(args) -> int:
     write_selection(out, result)
     log.info("selected %d of %d rows (%d dropped with all-equal rewards) -> %s", result.summary["n_selected"],
              len(rows), result.summary.get("n_all_same_dropped", 0), out / "selected.jsonl")
-    print(json.dumps({k: v for k, v in result.summary.items() if not isinstance(v, dict)}))
+    print(json.dumps(rounded({k: v for k, v in result.summary.items() if not isinstance(v, dict)})))
     return 0
 
 

@@ -87,8 +87,16 @@ def metrics_markdown(metrics: Mapping[str, Any], digits: int = 2, title: str = "
     """
     benchmarks: Mapping[str, Mapping[str, Any]] = metrics.get("benchmarks", {})
     overall: Mapping[str, Any] = metrics.get("overall", {})
-    lines = [f"## {title}", "",
-             "| benchmark | task | n | parse failures | invalid | primary metric | value |",
+    lines = [f"## {title}", ""]
+    run = metrics.get("run")
+    if run:
+        step = run.get("checkpoint_step")
+        scored = f"{run.get('rows_scored')} of {run.get('val_rows')} val rows scored"
+        if run.get("max_samples") is not None and run.get("rows_scored") != run.get("val_rows"):
+            scored += f" (eval.max_samples={run['max_samples']})"
+        lines += [f"Model: `{run.get('model')}`" + (f", checkpoint step {step}" if step is not None else "")
+                  + f"; {scored}.", ""]
+    lines += ["| benchmark | task | n | parse failures | invalid | primary metric | value |",
              "| --- | --- | ---: | ---: | ---: | --- | ---: |"]
     for name, entry in benchmarks.items():
         primary = entry.get("primary_metric")

@@ -18,14 +18,18 @@ def benchmark_name(sample) -> str:
     return f"{sample.dataset}/{sample.task}" if sample.dataset else sample.task
 
 
-def run_eval(engine, cfg, builder, out_dir: str | Path, batch_size: int = 64) -> dict:
+def run_eval(engine, cfg, builder, out_dir: str | Path, batch_size: int = 64, *,
+             model: str | None = None, step: int | None = None) -> dict:
     """Evaluate ``engine`` on ``cfg.data.val``; returns flat metrics (``<benchmark>/<metric>``).
 
     Writes predictions.jsonl, metrics.json and metrics.md into ``out_dir``. Rows whose video
     cannot be decoded are skipped and counted by the dataset (reported in its summary line).
+    model, step: what the engine serves (default: model.megatron_ckpt, else model.hf_dir; the step
+    when known), stated in the report with the number of val rows scored.
     """
     from tqdm import tqdm
 
+    from megavrl.console import fmt
     from megavrl.data.datasets import VideoTaskDataset
     from megavrl.eval.metrics import flatten_metrics
     from megavrl.eval.predictions import evaluate_predictions, prediction_record
@@ -59,11 +63,13 @@ def run_eval(engine, cfg, builder, out_dir: str | Path, batch_size: int = 64) ->
         flush()
     bar.close()
     scored, metrics = evaluate_predictions(records, cfg.reward)
+    metrics["run"] = {"model": str(model or cfg.model.megatron_ckpt or cfg.model.hf_dir), "checkpoint_step": step,
+                      "rows_scored": len(records), "val_rows": len(dataset), "max_samples": limit}
     paths = write_report(out_dir, scored, metrics)
     flat = flatten_metrics(metrics, prefix="")
     flat = {k.lstrip("/"): v for k, v in flat.items()}
     flat["rows"] = len(records)
     flat["seconds"] = time.perf_counter() - t0
     log.info("eval: %d rows in %.1f s, overall %s; report in %s", len(records), flat["seconds"],
-             metrics.get("overall", {}).get("mean_primary"), paths["markdown"])
+             fmt(metrics.get("overall", {}).get("mean_primary")), paths["markdown"])
     return flat

@@ -664,13 +664,19 @@ class Trainer:
             out = Path(self.cfg.eval.output_dir or self.output_dir / "eval") / tag
             try:
                 with self._preemption.interruptible() if self._preemption is not None else nullcontext():
-                    result = run_eval(self.engine, self.cfg, self.builder, out)
+                    result = run_eval(self.engine, self.cfg, self.builder, out, model=self._eval_model_name(),
+                                      step=self.step)
                 self.metrics.write(self.step, {k: v for k, v in result.items() if isinstance(v, (int, float))},
                                    prefix="eval/")
             except StopRequested:
                 log.warning("evaluation %r abandoned: a stop signal arrived", tag)
                 result = {}
         return broadcast_object(result)
+
+    def _eval_model_name(self) -> str:
+        """What an evaluation scores: the model the run started from, trained for ``self.step`` steps."""
+        start = self.cfg.model.megatron_ckpt or self.cfg.model.hf_dir
+        return f"{start} + {self.step} steps in {self.output_dir}" if self.step else str(start)
 
     def _print_summary(self, summary: dict) -> None:
         from megavrl.console import fmt
