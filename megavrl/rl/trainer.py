@@ -26,6 +26,7 @@ from megavrl.config import Config, dump_yaml, to_dict
 from megavrl.log import get_logger
 from megavrl.parallel.collectives import broadcast_object, global_rank
 from megavrl.rl.batch import TrainSequence, collate, padded_length, split_micro_batches
+from megavrl.rl.learning_signal import LearningSignalCheck
 
 log = get_logger(__name__)
 
@@ -132,6 +133,7 @@ class Trainer:
         self.layout = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.trainer.seed, backend=backend)
         validate(cfg, world_size=self.layout.world_size)
         self.grpo = cfg.algorithm.name == "grpo"
+        self.signal_check = LearningSignalCheck(cfg.model.megatron_ckpt or cfg.model.hf_dir)
         out = Path(cfg.trainer.output_dir)
         self.output_dir = out
         self.ckpt_dir = Path(cfg.checkpoint.dir or out / "checkpoints")
@@ -273,6 +275,8 @@ class Trainer:
                     break
                 self.step += 1
                 self.metrics.write(self.step, metrics)
+                if self.grpo and global_rank() == 0:
+                    self.signal_check.check(self.step, metrics)
                 if self.nonfinite_in_a_row >= cfg.trainer.max_consecutive_nonfinite:
                     path = self.save()
                     self._write_status("stopped_nonfinite", checkpoint=path)
