@@ -93,9 +93,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 def main(argv: list[str] | None = None) -> int:
     from megavrl.config import ConfigError
-    from megavrl.errors import DEBUG_ENV, UserError, debug_enabled, describe, is_file_error
-
     from megavrl.console import VERBOSE_ENV, quiet_console
+    from megavrl.errors import DEBUG_ENV, UserError, debug_enabled, describe, is_file_error
 
     parser = build_parser()
     args = parse_args(parser, argv)

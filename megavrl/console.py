@@ -137,6 +137,23 @@ def filter_library_handlers() -> None:
                 handler.addFilter(_FILTER)
 
 
+class VllmLineFormatter(logging.Formatter):
+    """vLLM's line format without depending on its formatter class (which moves between versions):
+    the fields vLLM's record factory adds are filled in when missing; continuation lines are indented
+    under the prefix as vLLM does."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not hasattr(record, "vllm_process_name"):
+            record.vllm_process_name = record.processName
+        if not hasattr(record, "fileinfo"):
+            record.fileinfo = record.filename
+        text = super().format(record)
+        if record.message and "\n" in record.message:
+            prefix = text.split(record.message, 1)[0]
+            text = text.replace("\n", "\n" + " " * len(prefix))
+        return text
+
+
 def _vllm_logging_config() -> str:
     """A file for VLLM_LOGGING_CONFIG_PATH: vLLM's own default configuration (format, stream,
     level) plus :class:`ExpectedNoiseFilter` on its handler; its path is inherited by every process."""
@@ -147,8 +164,8 @@ def _vllm_logging_config() -> str:
         "version": 1,
         "disable_existing_loggers": False,
         "filters": {"megavrl_expected": {"()": "megavrl.console.ExpectedNoiseFilter"}},
-        "formatters": {"vllm": {"()": "vllm.logging_utils.NewLineFormatter", "datefmt": "%m-%d %H:%M:%S",
-                                "format": fmt}},
+        "formatters": {"vllm": {"()": "megavrl.console.VllmLineFormatter", "datefmt": "%m-%d %H:%M:%S",
+                                "fmt": fmt}},
         "handlers": {"vllm": {"class": "logging.StreamHandler", "formatter": "vllm", "level": level,
                               "filters": ["megavrl_expected"],
                               "stream": os.environ.get("VLLM_LOGGING_STREAM", "ext://sys.stdout")}},
