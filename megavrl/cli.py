@@ -133,3 +133,9 @@ elif __name__ == "__mp_main__":
 
     detach_from_job_signals()
     quiet_console(note=False)
+elif "__mp_main__" in sys.modules and "--multiprocessing-fork" in getattr(sys, "orig_argv", ()):
+    # The same spawned helper when the command ran as the `megavrl` console script: that script is
+    # re-imported as __mp_main__ and imports this module. Its log lines are filtered the same way.
+    from megavrl.console import quiet_console
+
+    quiet_console(note=False)
