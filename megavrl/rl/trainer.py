@@ -29,6 +29,7 @@ from megavrl.config_base import dump_yaml, to_dict
 from megavrl.log import get_logger
 from megavrl.parallel.collectives import broadcast_object, global_rank
 from megavrl.rl.batch import TrainSequence, collate_micro_batches, padded_length, shard_for_data_parallel
+from megavrl.rl.learning_signal import LearningSignalCheck
 
 log = get_logger(__name__)
 
@@ -127,6 +128,7 @@ class Trainer:
         self._experience_of_step = self._grpo_experience if self.grpo else self._sft_experience
         self._loss_fn = self._grpo_loss if self.grpo else self._sft_loss
         self.needs_engine = self.grpo or bool(cfg.data.val)
+        self.signal_check = LearningSignalCheck(cfg.model.megatron_ckpt or cfg.model.hf_dir)
         out = Path(cfg.trainer.output_dir)
         self.output_dir = out
         self.ckpt_dir = Path(cfg.checkpoint.dir or out / "checkpoints")
@@ -288,6 +290,8 @@ class Trainer:
                     break
                 self.step += 1
                 self.metrics.write(self.step, metrics)
+                if self.grpo and global_rank() == 0:
+                    self.signal_check.check(self.step, metrics)
                 if self.nonfinite_in_a_row >= cfg.trainer.max_consecutive_nonfinite:
                     path = self.save()
                     self._write_status("stopped_nonfinite", checkpoint=path)
@@ -701,17 +705,28 @@ class Trainer:
         result = None
         if global_rank() == 0:
             out = Path(self.cfg.eval.output_dir or self.output_dir / "eval") / tag
-            result = report(interleave(shards), self.cfg, out, seconds=time.perf_counter() - t0)
+            result = report(interleave([records for records, _ in shards]), self.cfg, out,
+                            seconds=time.perf_counter() - t0, model=self._eval_model_name(), step=self.step,
+                            val_rows=max(rows for _, rows in shards))
             self.metrics.write(self.step, {k: v for k, v in result.items() if isinstance(v, (int, float))},
                                prefix="eval/")
         return broadcast_object(result)
 
+    def _eval_model_name(self) -> str:
+        """What an evaluation scores: the model the run started from, trained for ``self.step`` steps."""
+        start = self.cfg.model.megatron_ckpt or self.cfg.model.hf_dir
+        return f"{start} + {self.step} steps in {self.output_dir}" if self.step else str(start)
+
     def _print_summary(self, summary: dict) -> None:
+        from megavrl.console import fmt
+        from megavrl.eval.report import headline_keys
+
         lines = [f"megavrl train: {summary['step']} steps{' (interrupted)' if summary['interrupted'] else ''}"]
-        keys = sorted(set(summary["before"]) | set(summary["after"]))
-        for k in keys:
+        for k in headline_keys({**summary["before"], **summary["after"]}):
             b, a = summary["before"].get(k), summary["after"].get(k)
-            if isinstance(b, (int, float)) or isinstance(a, (int, float)):
-                lines.append(f"  eval {k}: before {b if b is not None else '-'} -> after {a if a is not None else '-'}")
+            lines.append(f"  eval {k}: before {fmt(b)} -> after {fmt(a)}")
+        if summary["before"] or summary["after"]:
+            eval_dir = Path(self.cfg.eval.output_dir or self.output_dir / "eval")
+            lines.append(f"  every metric: {eval_dir}/{{before,after}}/metrics.md")
         lines.append(f"  TensorBoard logs: {summary['tensorboard']}  (tensorboard --logdir {summary['tensorboard']})")
         print("\n".join(lines), flush=True)
