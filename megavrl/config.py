@@ -27,7 +27,7 @@ from megavrl.data.config import DataConfig
 from megavrl.errors import UserError
 from megavrl.rewards.config import RewardConfig
 from megavrl.rollout.engine import RolloutConfig
-from megavrl.rl.config import GRPOConfig, SelectionConfig
+from megavrl.rl.config import GRPOConfig, MicroBatchConfig, SelectionConfig
 
 
 class ConfigError(UserError):
@@ -82,7 +82,7 @@ class OptimizerConfig:
 
 
 @dataclass
-class TrainerConfig:
+class TrainerConfig(MicroBatchConfig):
     total_steps: int = 100
     prompts_per_step: int = 16
     micro_batch_size: int = 1

@@ -12,7 +12,6 @@ vLLM (PP broadcast + TP gather into full HF tensors, bucketed). One step:
 """
 from __future__ import annotations
 
-import math
 import os
 import resource
 import time
@@ -25,7 +24,8 @@ import torch
 from megavrl.config import Config, dump_yaml, to_dict
 from megavrl.log import get_logger
 from megavrl.parallel.collectives import broadcast_object, global_rank
-from megavrl.rl.batch import TrainSequence, collate, padded_length, split_micro_batches
+from megavrl.rl.batch import TrainSequence, padded_length
+from megavrl.rl.micro_batches import MicroBatching, micro_batch_metrics, rank_micro_batches
 
 log = get_logger(__name__)
 
@@ -68,30 +68,6 @@ class PhaseTimer:
 
     def metrics(self) -> dict:
         return {f"time/{k}": v for k, v in self.seconds.items()}
-
-
-def shard_for_data_parallel(sequences: list[TrainSequence], dp_rank: int, dp: int, micro_batch_size: int,
-                            pad_id: int) -> list[list[TrainSequence]]:
-    """This DP rank's micro-batches: sequences dealt round-robin, every micro-batch exactly
-    ``micro_batch_size`` long (padding sequences, which carry no loss, fill the gaps), and the same
-    number of micro-batches on every rank."""
-    per_rank = math.ceil(len(sequences) / dp)
-    n_micro = max(1, math.ceil(per_rank / micro_batch_size))
-    mine = sequences[dp_rank::dp]
-    filler = TrainSequence(input_ids=[pad_id, pad_id], prompt_len=1, info={"padding": True})
-    mine = mine + [filler] * (n_micro * micro_batch_size - len(mine))
-    return split_micro_batches(mine, micro_batch_size)
-
-
-def _collate_all(micro: list[list[TrainSequence]], pad_id: int, seq_len: int) -> list[dict]:
-    batches = []
-    for seqs in micro:
-        batch = collate(seqs, pad_id, seq_len)
-        for i, s in enumerate(seqs):
-            if s.info.get("padding"):
-                batch["loss_mask"][i] = 0.0
-        batches.append(batch)
-    return batches
 
 
 class NonFiniteStop(RuntimeError):
@@ -511,11 +487,12 @@ class Trainer:
         alg = cfg.algorithm
         seq_len = padded_length(sequences)
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        mbs = cfg.trainer.micro_batch_size
+        how = MicroBatching(cfg.trainer.micro_batch_size, cfg.trainer.max_tokens_per_micro_batch, cfg.trainer.packing,
+                            same_shape=cfg.parallel.pp > 1)
         minis = [sequences[i::alg.mini_batches] for i in range(alg.mini_batches)]
         minis = [m for m in minis if m]
-        batches = [_collate_all(shard_for_data_parallel(m, dp_rank, dp, mbs, self.pad_id), self.pad_id, seq_len)
-                   for m in minis]
+        cuts = [rank_micro_batches(m, dp_rank, dp, how, self.pad_id, seq_len) for m in minis]
+        batches = [cut.batches for cut in cuts]
         need_old = self.grpo and (alg.ppo_epochs > 1 or len(minis) > 1)
         with timer("logprobs"):
             for mb_list in batches:
@@ -549,6 +526,7 @@ class Trainer:
         else:
             self.nonfinite_in_a_row = 0
         metrics["nonfinite/skipped_updates"] = skipped
+        metrics.update(micro_batch_metrics(cuts))
         if grad_norms:
             metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
         return metrics
