@@ -126,7 +126,7 @@ class MegatronActor:
             raise ValueError(f"padded micro-batches of width {width}, not seq_len={seq_len}")
 
         def step(data_iterator, stage):
-            batch = next(data_iterator)
+            batch = _on_model_device(next(data_iterator))
             inputs = {k: batch[k] for k in MODEL_KEYS if batch.get(k) is not None}
             return stage(**inputs), lambda output, **_: loss_func_of(batch, output)
 
@@ -229,6 +229,26 @@ class MegatronActor:
         from megavrl.checkpoint.hf_io import export_hf_weights
 
         return export_hf_weights(self.model, self.configs.mapping_context(), ranks="rank0", dtype=dtype)
+
+
+def _on_model_device(batch: dict) -> dict:
+    """The micro-batch on this rank's GPU (collation builds it on the CPU); as it is on the CPU."""
+    if not torch.cuda.is_available():
+        return batch
+    import dataclasses
+
+    device = torch.device("cuda", torch.cuda.current_device())
+
+    def move(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device, non_blocking=True)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):  # PackedSeqParams: cu_seqlens
+            return dataclasses.replace(value, **{f.name: move(getattr(value, f.name))
+                                                 for f in dataclasses.fields(value)
+                                                 if isinstance(getattr(value, f.name), torch.Tensor)})
+        return value
+
+    return {key: move(value) for key, value in batch.items()}
 
 
 def all_ranks_agree(flag: bool) -> bool:
