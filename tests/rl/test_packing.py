@@ -146,6 +146,7 @@ def test_invalid_token_budget_is_refused_naming_the_field(value):
     assert cfg.trainer.max_tokens_per_micro_batch == 4096 and cfg.trainer.packing is False
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_packed_equals_padded_through_the_actor_at_tp_pp_and_dp(tiny_hf_dir):
     proc = run_torchrun(["tests/rl/packing_worker.py", str(tiny_hf_dir)], nproc=2, timeout=600)
