@@ -115,14 +115,15 @@ class MegatronActor:
                   collect: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from megavrl.rl.packing import is_packed
+
         # Pipeline stages exchange [S, b, H] activations of one fixed shape per call.
         shapes = {tuple(b["input_ids"].shape) for b in micro_batches}
         if len(shapes) > 1 and self.configs.language.pipeline_model_parallel_size > 1:
             raise ValueError(f"micro-batches of shapes {sorted(shapes)}: pipeline parallelism needs one shape "
                              "(pad them to a common length)")
         batch_size, width = micro_batches[0]["input_ids"].shape
-        if seq_len is not None and not any(b.get("packed_seq_params") is not None for b in micro_batches) \
-                and width != seq_len:
+        if seq_len is not None and not any(is_packed(b) for b in micro_batches) and width != seq_len:
             raise ValueError(f"padded micro-batches of width {width}, not seq_len={seq_len}")
 
         def step(data_iterator, stage):
