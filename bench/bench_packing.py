@@ -20,8 +20,13 @@ Both sides share one actor (fp32, TP=1, Megatron-Core on CPU) and run alternatel
 of the batch (the same on both sides), so the ratio is the ratio of update times. Before timing,
 both compute the log-probs of the batch: their largest difference is in the notes (fp32: ~0).
 
-Usage: python -m bench.bench_packing [--preset small] [--prompts 4] [--n 4] [--fps 1 2]
-           [--response-min 16] [--response-max 512] [--micro-batch-size 4] [--warmup 1] [--steps 2]
+The defaults (8 sequences, one timed round, a few CPU-minutes) keep ``make bench`` short; ``--n 4
+--steps 2`` (16 sequences, best of 2) took about 10 CPU-minutes on the 2-core machine. Wall-clock
+seconds on a shared machine move with its load: the CPU seconds per update and the tokens each
+side computes are in the notes too.
+
+Usage: python -m bench.bench_packing [--preset small] [--prompts 4] [--n 2] [--fps 1 2]
+           [--response-min 16] [--response-max 512] [--micro-batch-size 4] [--warmup 1] [--steps 1]
 Writes bench/results/packing.json (``--preset tiny``: packing_tiny.json).
 """
 from __future__ import annotations
@@ -109,7 +114,7 @@ def main(argv=None) -> None:
     ap.add_argument("--preset", default="small", choices=["tiny", "small"],
                     help="small (default): ~30M parameters, compute-bound; tiny: megavrl's 4M debug model")
     ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--n", type=int, default=4, help="responses per prompt")
+    ap.add_argument("--n", type=int, default=2, help="responses per prompt")
     ap.add_argument("--fps", type=float, nargs="+", default=[1.0, 2.0],
                     help="frame rates the prompts cycle through (each gives another prompt length)")
     ap.add_argument("--response-min", type=int, default=16)
@@ -117,7 +122,7 @@ def main(argv=None) -> None:
     ap.add_argument("--micro-batch-size", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=1)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
