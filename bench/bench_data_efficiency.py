@@ -29,7 +29,10 @@ Writes (--full: data_efficiency_full.*)
   bench/results/data_efficiency.csv   subset, seed, step, train reward, within-group reward std,
                                       informative groups, eval mIoU and format rate (eval columns
                                       only at eval steps)
-  bench/results/data_efficiency.png   eval mIoU per eval step; within-group reward std per step
+  bench/results/data_efficiency.png   (a) the headline, expected val reward per subset vs the SFT
+                                      model; (b) greedy eval mIoU per eval step; (c) within-group
+                                      reward std per step (seeds averaged, min-max band);
+                                      ``--replot`` redraws it from the JSON
   bench/results/data_efficiency.json  figures:
     - expected val reward at the end, selected subset vs random subset of the same size (the
       paper's claim), and vs the full dataset (same quality from less data);
@@ -128,30 +131,98 @@ def informative_share(curve: dict, prompts_per_step: int) -> float:
     return statistics.fmean(1.0 - r["zero_variance_groups"] / prompts_per_step for r in curve["train"])
 
 
-def plot(runs: dict[tuple[str, int], dict], path: Path, title: str) -> None:
+def _mean_band(curves: list[list[dict]], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Steps present in every curve, and the mean, min and max of ``key`` over the curves."""
+    steps = sorted(set.intersection(*(set(r["step"] for r in c) for c in curves))) if curves else []
+    values = [[next(r[key] for r in c if r["step"] == step) for c in curves] for step in steps]
+    return (steps, [statistics.fmean(v) for v in values], [min(v) for v in values], [max(v) for v in values])
+
+
+def plot(runs: dict[tuple[str, int], dict], path: Path, title: str, start_val: dict | None,
+         eval_k: int | None = None) -> None:
+    """Three panels. (a) the headline: expected val reward of each subset's final model (bar: mean
+    over seeds, dots: each seed) against the SFT model it started from (dashed line), on an axis
+    from 0 to the largest possible reward (format 1 + IoU 1). (b) greedy eval mIoU per eval step and
+    (c) the within-group reward std of the training rollouts: means over seeds, the band from the
+    lowest to the highest seed, mIoU on its whole 0-100 scale, integer steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     colors = {"selected": "tab:green", "random": "tab:orange", "full": "tab:blue"}
-    fig, axes = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
-    for (subset, seed), curve in sorted(runs.items()):
-        label = subset if seed == min(s for (_, s) in runs) else None
-        axes[0].plot([r["step"] for r in curve["eval"]], [r["miou"] for r in curve["eval"]], marker="o",
-                     color=colors[subset], alpha=0.8, label=label)
-        axes[1].plot([r["step"] for r in curve["train"]], [r["group_std"] for r in curve["train"]],
-                     color=colors[subset], alpha=0.8, label=label)
-    axes[0].set_ylabel("eval mIoU on val (greedy)")
-    axes[1].set_ylabel("within-group reward std\n(training rollouts)")
-    axes[1].set_xlabel("GRPO step")
-    for ax in axes:
+    styles = {"selected": ("o", "-"), "random": ("s", "--"), "full": ("^", ":")}
+    subsets = [s for s in SUBSETS if any(sub == s for sub, _ in runs)]
+    seeds = sorted({seed for _, seed in runs})
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1, 1.3, 1.3]})
+    ax = axes[0]
+    for i, subset in enumerate(subsets):
+        finals = [runs[subset, seed]["val"]["reward"] for seed in seeds if "val" in runs.get((subset, seed), {})]
+        if not finals:
+            continue
+        ax.bar(i, statistics.fmean(finals), color=colors[subset], alpha=0.75, width=0.6)
+        ax.scatter([i] * len(finals), finals, color="black", s=12, zorder=3,
+                   label="one seed" if i == 0 and len(finals) > 1 else None)
+        ax.text(i, statistics.fmean(finals) / 2, f"{statistics.fmean(finals):.3f}", ha="center", va="center",
+                fontsize=9, color="white", fontweight="bold")
+    if start_val:
+        ax.axhline(start_val["reward"], color="black", linestyle="--", linewidth=1,
+                   label=f"SFT model (start): {start_val['reward']:.3f}")
+    ax.set_xticks(range(len(subsets)), subsets)
+    ax.set_ylim(0, 2.0)
+    ax.set_ylabel("expected val reward (format + IoU, max 2)")
+    ax.set_title(f"(a) after GRPO: {eval_k or '?'} samples per val row", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    for ax, key, kind, label, top in ((axes[1], "miou", "eval", "greedy eval mIoU on val", 100.0),
+                                      (axes[2], "group_std", "train", "within-group reward std\n(training rollouts)", None)):
+        for subset in subsets:
+            curves = [runs[subset, seed][kind] for seed in seeds if (subset, seed) in runs]
+            steps, mean, low, high = _mean_band(curves, key)
+            # Own marker and dash per subset: equal curves stay visible on top of each other.
+            ax.plot(steps, mean, color=colors[subset], marker=styles[subset][0] if kind == "eval" else None,
+                    linestyle=styles[subset][1], markersize=6 if subset == "selected" else 4, markerfacecolor="none",
+                    label=f"{subset}" + (f" (mean of {len(curves)} seeds, band: min-max)" if len(curves) > 1 else ""))
+            if len(curves) > 1:
+                ax.fill_between(steps, low, high, color=colors[subset], alpha=0.15, linewidth=0)
+        ax.set_ylim(0, top if top is not None else max(0.1, ax.get_ylim()[1]))
+        if kind == "eval" and steps:
+            ax.set_xticks(steps)  # the evaluated steps
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("GRPO step")
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    axes[0].set_title(title, fontsize=10)
+    axes[1].set_title("(b) greedy mIoU, whole 0-100 scale", fontsize=9)
+    axes[2].set_title("(c) what GRPO learns from", fontsize=9)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def replot(stem: str) -> Path:
+    """Redraw ``bench/results/<stem>.png`` from ``<stem>.json`` (no run)."""
+    import json
+
+    result = json.loads((RESULTS / f"{stem}.json").read_text())
+    notes = result["figures"][0]["notes"]
+    config = result.get("config", {})
+    runs = {}
+    for name, curve in notes["curves"].items():
+        subset, _, seed = name.rpartition("_seed")
+        runs[subset, int(seed)] = curve
+    path = RESULTS / f"{stem}.png"
+    plot(runs, path, _title(len({s for _, s in runs}), config.get("steps"), notes.get("rows_subset"),
+                            notes.get("rows_train"), config.get("k")),
+         notes.get("expected_val_reward_before"), config.get("eval_k"))
+    return path
+
+
+def _title(n_seeds, steps, size, n_train, k) -> str:
+    return (f"GRPO data efficiency, synthetic grounding (tiny Qwen2.5-VL, CPU): {n_seeds} seed(s), "
+            f"{steps} steps, selected/random: {size} of {n_train} rows (k={k})")
 
 
 def main(argv=None) -> None:
@@ -173,8 +244,13 @@ def main(argv=None) -> None:
                     help="selection, subsets, runs and logs (emptied first; the warm start is cached in "
                          "runs/bench_cache)")
     ap.add_argument("extra", nargs="*", metavar="key=value", help="after --: overrides for every GRPO run")
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw the PNG of this mode from its results JSON (no run)")
     args = ap.parse_args(argv)
     mode_name = args.mode
+    if args.replot:
+        print(f"[data_efficiency] redrew {replot('data_efficiency' if mode_name == 'quick' else f'data_efficiency_{mode_name}')}")
+        return
     apply_mode(args, MODES)
     t_start = time.time()
     work = args.workdir.resolve()
@@ -259,9 +335,7 @@ def main(argv=None) -> None:
              "curves": {f"{subset}_seed{seed}": curve for (subset, seed), curve in runs.items()},
              "csv": f"bench/results/{stem}.csv", "png": f"bench/results/{stem}.png",
              "wall_s": round(time.time() - t_start)}
-    title = (f"GRPO data efficiency, synthetic grounding (tiny Qwen2.5-VL, CPU)\n{len(seeds)} seed(s), "
-             f"{args.steps} steps, selected/random: {size} of {n_train} rows (k={args.k})")
-    plot(runs, RESULTS / f"{stem}.png", title)
+    plot(runs, RESULTS / f"{stem}.png", _title(len(seeds), args.steps, size, n_train, args.k), start_val, args.eval_k)
     steps = f"after {args.steps} GRPO steps"
     expected = f"expected val reward ({args.eval_k} samples per row) {steps}, variance-selected {size} rows"
     figures = [

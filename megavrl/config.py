@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -104,6 +105,26 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
+def _refuse_misplaced_sections(data: dict, schema: type, source: str) -> None:
+    """A top-level key that is no section but a field of one (``train:`` for ``data.train``) is
+    refused naming the section, not with OmegaConf's nearest section name ("did you mean
+    'trainer'?"), which points the wrong way."""
+    if not dataclasses.is_dataclass(schema):
+        return
+    sections = [f.name for f in dataclasses.fields(schema)]
+    hints = typing.get_type_hints(schema)
+    for key in data:
+        if key in sections:
+            continue
+        owners = [name for name in sections if dataclasses.is_dataclass(hints.get(name))
+                  and key in {f.name for f in dataclasses.fields(hints[name])}]
+        if owners:
+            where = " or ".join(f"'{owner}.{key}'" for owner in owners)
+            hint = f" (in a YAML file, under '{owners[0]}:')" if len(owners) == 1 else ""
+            raise ConfigError(f"{source}: unknown config field '{key}': it is a field of a section. "
+                              f"Did you mean {where}{hint}?")
+
+
 def load_config(files: str | os.PathLike | list = (), overrides: list[str] = (), schema: type = Config):
     """Build a ``schema`` instance from YAML ``files`` and dotted ``overrides``.
 
@@ -139,6 +160,7 @@ def load_config(files: str | os.PathLike | list = (), overrides: list[str] = (),
         layers.append((f"override {item!r}", _nest(key, value)))
     for source, data in layers:
         _refuse_nonfinite(data, prefix="", source=source)
+        _refuse_misplaced_sections(data, schema, source)
         try:
             merged = OmegaConf.merge(merged, data)
         except ConfigKeyError as e:

@@ -20,6 +20,9 @@ def get_logger(name: str = "megavrl") -> logging.Logger:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
                                                datefmt="%H:%M:%S"))
+        from megavrl.console import NoteBeforeFirstRecord
+
+        handler.addFilter(NoteBeforeFirstRecord())
         root = logging.getLogger("megavrl")
         root.addHandler(handler)
         quiet = rank not in (None, "0") and os.environ.get("MEGAVRL_LOG_ALL_RANKS") != "1"

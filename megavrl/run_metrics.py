@@ -81,7 +81,8 @@ class MetricsWriter:
         if step % self.console_every == 0:
             keys = self.console_keys or sorted(clean)
             shown = " ".join(f"{k}={clean[k]:.4g}" for k in keys if k in clean)
-            log.info("step %d | %s", step, shown)
+            if shown:  # evaluation scalars have their own report
+                log.info("step %d | %s", step, shown)
 
     def text(self, tag: str, text: str, step: int) -> None:
         """A text sample (e.g. one rollout per step) under TensorBoard's Text tab."""

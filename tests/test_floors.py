@@ -2,7 +2,7 @@
 
 Floors, bottom to top (README, Development):
 
-    0 base        errors, log, dtypes, config_base, run_metrics, envsetup, the package root
+    0 base        errors, log, console, dtypes, config_base, run_metrics, envsetup, the package root
     1 parallel    process groups, launching, CPU mode
     2 models      the Megatron Qwen2.5-VL (sizes, layers, M-RoPE)
     3 checkpoint  HF <-> Megatron mapping, conversion, checkpoint manager
@@ -27,7 +27,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "megavrl"
 
 FLOORS = [
-    {"megavrl", "errors", "log", "dtypes", "config_base", "run_metrics", "envsetup"},
+    {"megavrl", "errors", "log", "console", "dtypes", "config_base", "run_metrics", "envsetup"},
     {"parallel"},
     {"models"},
     {"checkpoint"},

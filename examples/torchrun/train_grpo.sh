@@ -10,7 +10,8 @@
 #                         nvidia-smi); 2 on a CPU-only machine]
 #   MASTER_ADDR [localhost], MASTER_PORT [29500]   the rendezvous endpoint: the first node's address
 #   RDZV_ID [megavrl]     rendezvous id, the same on every node of one job and unique per job
-#   CONFIG [examples/configs/tiny_cpu_tvg.yaml of this checkout]
+#   CONFIG [examples/configs/tiny_cpu_tvg.yaml of this checkout: GRPO from the SFT model of
+#                         `make demo` (runs/demo/sft/hf), output in runs/tiny_cpu_tvg]
 #   TORCHRUN [torchrun]   the launcher to run
 #   DRY_RUN [0]           1: only print the command
 #

@@ -123,6 +123,12 @@ def hf_to_megatron(args: argparse.Namespace, argv: list[str] | None = None) -> i
 
 
 def megatron_to_hf(args: argparse.Namespace) -> int:
+    from megavrl.errors import UserError
+
+    # Local paths first, before the converter (and torch) load: one line at once.
+    for flag, path in (("--ckpt", args.ckpt), ("--hf-config", args.hf_config)):
+        if path is not None and not os.path.exists(path):
+            return _fail("megatron-to-hf", UserError(f"{flag} {path!r} does not exist"))
     from megavrl.checkpoint.convert import convert_megatron_to_hf
     from megavrl.parallel import destroy_distributed
 

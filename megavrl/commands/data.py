@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = data_sub.add_parser(
         "synth", help="write synthetic videos (mp4) with known events and tvg/mcq/gqa rows",
         description="Write DIR/videos/*.mp4, DIR/train.jsonl, DIR/val.jsonl (megavrl row schema, rows of "
-                    "every requested task for each video), DIR/data.yaml (a data config for them) and "
+                    "every requested task for each video), DIR/data.yaml (a data config for them, to layer with "
+                    "--config) and "
                     "DIR/manifest.json. Deterministic from --seed.")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--tasks", default="tvg,mcq,gqa", help="comma-separated subset of tvg,mcq,gqa (default: all)")

@@ -53,7 +53,7 @@ def _setup(args):
     exit code."""
     from megavrl.config import ConfigError, load_config, validate
     from megavrl.data.prompt import PromptBuilder
-    from megavrl.parallel.launch import cli_argv, ensure_launched
+    from megavrl.parallel.launch import ensure_launched
 
     cfg = load_config(args.config, args.overrides)
     cfg.parallel.tp = cfg.parallel.pp = 1  # vLLM only: Megatron's layout does not apply
@@ -63,16 +63,7 @@ def _setup(args):
     if args.command == "select" and not cfg.data.train:
         raise ConfigError("data.train is empty: list the datasets to select from under data.train")
     engines = 1 if cfg.rollout.engines == "auto" else int(cfg.rollout.engines)
-    hf_dir = cfg.model.hf_dir
-    if cfg.model.megatron_ckpt:  # converted once, by the launcher when there is one
-        from megavrl.checkpoint.convert import convert_megatron_to_hf
-
-        hf_dir = tempfile.mkdtemp(prefix="megavrl-hf-")
-        os.rmdir(hf_dir)
-        convert_megatron_to_hf(cfg.model.megatron_ckpt, hf_dir, dtype="fp32")
-        log.info("converted %s to %s for vLLM", cfg.model.megatron_ckpt, hf_dir)
-        cfg.model.hf_dir, cfg.model.megatron_ckpt = hf_dir, None
-    code = ensure_launched(engines, cli_argv() + [f"model.hf_dir={hf_dir}", "model.megatron_ckpt=null"])
+    code = ensure_launched(engines)
     if code is not None:
         return None, code
     shard = 0
@@ -81,8 +72,22 @@ def _setup(args):
 
         torch.distributed.init_process_group("gloo")
         shard = torch.distributed.get_rank()
+    served = {"model": cfg.model.megatron_ckpt or cfg.model.hf_dir, "step": _checkpoint_step(cfg.model.megatron_ckpt)}
+    hf_dir = cfg.model.hf_dir
+    if cfg.model.megatron_ckpt:  # converted once, by the first process
+        hf_dir = None
+        if shard == 0:
+            from megavrl.checkpoint.convert import convert_megatron_to_hf
+
+            hf_dir = tempfile.mkdtemp(prefix="megavrl-hf-")
+            os.rmdir(hf_dir)
+            convert_megatron_to_hf(cfg.model.megatron_ckpt, hf_dir, dtype="fp32")
+            log.info("converted %s to %s for vLLM", cfg.model.megatron_ckpt, hf_dir)
+        from megavrl.parallel.collectives import broadcast_object
+
+        hf_dir = broadcast_object(hf_dir)
     builder = PromptBuilder.from_hf_dir(hf_dir, cfg.data.prompt)
-    return (cfg, hf_dir, builder, shard, engines), None
+    return (cfg, hf_dir, builder, shard, engines, served), None
 
 
 def _engine(cfg, hf_dir):
@@ -110,39 +115,53 @@ def _finish(engines: int) -> None:
 def _eval(args) -> int:
     import time
 
+    from megavrl.console import rounded
     from megavrl.eval.runner import predict, report
     from megavrl.rl.placement import interleave
 
     job, code = _setup(args)
     if job is None:
         return code
-    cfg, hf_dir, builder, shard, engines = job
+    cfg, hf_dir, builder, shard, engines, served = job
     out = Path(args.out or cfg.eval.output_dir or Path(cfg.trainer.output_dir) / "eval")
     t0 = time.perf_counter()
     with _engine(cfg, hf_dir) as engine:
-        records = predict(engine, cfg, builder, shard, engines)
-    shards = _gather(records, engines)
+        shard_records = predict(engine, cfg, builder, shard, engines)
+    shards = _gather(shard_records, engines)
     if shard == 0:
-        metrics = report(interleave(shards), cfg, out, seconds=time.perf_counter() - t0)
-        print(json.dumps({k: v for k, v in metrics.items() if "/" not in k or k.startswith("overall")}))
+        metrics = report(interleave([records for records, _ in shards]), cfg, out, seconds=time.perf_counter() - t0,
+                         val_rows=max(rows for _, rows in shards), **served)
+        print(json.dumps(rounded({k: v for k, v in metrics.items() if "/" not in k or k.startswith("overall")})))
     _finish(engines)
     return 0
 
 
+def _checkpoint_step(ckpt: str | None) -> int | None:
+    """The training step of a Megatron checkpoint (its marker file), None for an HF directory."""
+    if not ckpt:
+        return None
+    from megavrl.checkpoint.convert import resolve_checkpoint
+
+    marker = resolve_checkpoint(ckpt) / "megavrl_checkpoint.json"
+    step = json.loads(marker.read_text()).get("step") if marker.is_file() else None
+    return step if isinstance(step, int) else None
+
+
 def _select(args) -> int:
+    from megavrl.console import rounded
     from megavrl.rl.placement import interleave
     from megavrl.rl.select import roll_out_rows, select_and_write
 
     job, code = _setup(args)
     if job is None:
         return code
-    cfg, hf_dir, builder, shard, engines = job
+    cfg, hf_dir, builder, shard, engines, _ = job
     out = Path(args.out or Path(cfg.trainer.output_dir) / "select")
     with _engine(cfg, hf_dir) as engine:
         rows, rewards = roll_out_rows(engine, cfg, builder, shard, engines)
     shards = _gather((rows, rewards), engines)
     if shard == 0:
         result = select_and_write(interleave([r for r, _ in shards]), interleave([w for _, w in shards]), cfg, out)
-        print(json.dumps({k: v for k, v in result.summary.items() if not isinstance(v, dict)}))
+        print(json.dumps(rounded({k: v for k, v in result.summary.items() if not isinstance(v, dict)})))
     _finish(engines)
     return 0

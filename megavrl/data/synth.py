@@ -23,8 +23,8 @@ Difficulty: easy (1 distractor, clean), medium (2 distractors, shorter events, l
 
 ``write_synthetic_dataset(out, ...)`` writes ``out/videos/synth_00000.mp4 ...``,
 ``out/train.jsonl`` and ``out/val.jsonl`` (rows of all requested tasks, in the megavrl row
-schema, video paths relative to ``out``), ``out/data.yaml`` (a data config listing both files,
-with ``out`` as given) and ``out/manifest.json`` (the settings). Everything is a function of the
+schema, video paths relative to ``out``), ``out/data.yaml`` (a config layer, ``data: {train, val}``,
+listing both files with ``out`` as given) and ``out/manifest.json`` (the settings). Everything is a function of the
 seed: the same arguments give the same bytes.
 """
 from __future__ import annotations
@@ -365,9 +365,12 @@ def write_synthetic_dataset(out: str, settings: Optional[SynthSettings] = None, 
         _write_text(os.path.join(out, f"{split}.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     import yaml
 
-    data_yaml = "# megavrl data config of the synthetic tasks (paths relative to where megavrl runs)\n" + yaml.safe_dump(
-        {split: [{"json_path": os.path.join(out, f"{split}.jsonl"), "data_folder": out, "format": "megavrl",
-                  "name": f"synth_{split}"}] for split in ("train", "val")}, sort_keys=False)
+    # A config layer, like the one `megavrl select` writes: `--config exp.yaml --config DIR/data.yaml`.
+    data_yaml = ("# megavrl data config of the synthetic tasks; layer it with --config (paths relative to where "
+                 "megavrl runs)\n" + yaml.safe_dump(
+                     {"data": {split: [{"json_path": os.path.join(out, f"{split}.jsonl"), "data_folder": out,
+                                        "format": "megavrl", "name": f"synth_{split}"}] for split in ("train", "val")}},
+                     sort_keys=False))
     _write_text(os.path.join(out, "data.yaml"), data_yaml)
     manifest = {"settings": {**asdict(settings), "tasks": list(settings.tasks)}, "videos": settings.n,
                 "rows": counts, "duration_s": settings.frames / settings.fps}

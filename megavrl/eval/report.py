@@ -87,9 +87,17 @@ def metrics_markdown(metrics: Mapping[str, Any], digits: int = 2, title: str = "
     """
     benchmarks: Mapping[str, Mapping[str, Any]] = metrics.get("benchmarks", {})
     overall: Mapping[str, Any] = metrics.get("overall", {})
-    lines = [f"## {title}", "",
-             "| benchmark | task | n | parse failures | invalid | primary metric | value | blind baseline | blind answer |",
-             "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
+    lines = [f"## {title}", ""]
+    run = metrics.get("run")
+    if run:
+        step = run.get("checkpoint_step")
+        scored = f"{run.get('rows_scored')} of {run.get('val_rows')} val rows scored"
+        if run.get("max_samples") is not None and run.get("rows_scored") != run.get("val_rows"):
+            scored += f" (eval.max_samples={run['max_samples']})"
+        lines += [f"Model: `{run.get('model')}`" + (f", checkpoint step {step}" if step is not None else "")
+                  + f"; {scored}.", ""]
+    lines += ["| benchmark | task | n | parse failures | invalid | primary metric | value | blind baseline | blind answer |",
+              "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
     for name, entry in benchmarks.items():
         primary = entry.get("primary_metric")
         blind = entry.get("blind_baseline") or {}
@@ -128,6 +136,18 @@ def metrics_markdown(metrics: Mapping[str, Any], digits: int = 2, title: str = "
 def write_metrics_markdown(path: PathLike, metrics: Mapping[str, Any], digits: int = 2) -> Path:
     """``metrics_markdown`` written to ``path``; returns the path."""
     return _write_atomic(path, metrics_markdown(metrics, digits))
+
+
+def headline_keys(flat: Mapping[str, Any]) -> list[str]:
+    """The keys of flat metrics (``<benchmark>/<metric>``) worth a console line: the overall score,
+    the rows scored, and each benchmark's primary metric and parse failures."""
+    keys = [k for k in ("overall/mean_primary", "rows") if k in flat]
+    for key in flat:
+        benchmark, _, metric = key.rpartition("/")
+        task = benchmark.rpartition("/")[2]
+        if task in PRIMARY_METRIC and metric in (PRIMARY_METRIC[task], "n_parse_failures"):
+            keys.append(key)
+    return keys
 
 
 def write_report(out_dir: PathLike, scored: Iterable[Mapping[str, Any]], metrics: Mapping[str, Any],

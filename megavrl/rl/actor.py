@@ -95,44 +95,67 @@ class MegatronActor:
     def is_last_stage(self) -> bool:
         return self.model.post_process
 
-    def _token_stats(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _token_stats(self, logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs of the labels and entropy, in the [b, S] layout of the batch's loss mask
+        (packed micro-batches are unpacked into it)."""
         from megavrl.rl.logprobs import token_logprobs
+        from megavrl.rl.packing import is_packed, unpack
 
-        return token_logprobs(logits, labels, vocab_size=self.configs.vocab_size, with_entropy=True)
+        logprobs, entropy = token_logprobs(logits, batch["labels"], vocab_size=self.configs.vocab_size,
+                                           with_entropy=True)
+        if is_packed(batch):
+            logprobs, entropy = unpack(logprobs, batch["unpack_index"]), unpack(entropy, batch["unpack_index"])
+        return logprobs, entropy
 
-    def _schedule(self, micro_batches: list[dict], seq_len: int, loss_func_of: Callable, forward_only: bool,
+    def _schedule(self, micro_batches: list[dict], seq_len: int | None, loss_func_of: Callable, forward_only: bool,
                   collect: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from megavrl.rl.packing import is_packed
+
+        # Pipeline stages exchange [S, b, H] activations of one fixed shape per call.
+        shapes = {tuple(b["input_ids"].shape) for b in micro_batches}
+        if len(shapes) > 1 and self.configs.language.pipeline_model_parallel_size > 1:
+            raise ValueError(f"micro-batches of shapes {sorted(shapes)}: pipeline parallelism needs one shape "
+                             "(pad them to a common length)")
+        batch_size, width = micro_batches[0]["input_ids"].shape
+        if seq_len is not None and not any(is_packed(b) for b in micro_batches) and width != seq_len:
+            raise ValueError(f"padded micro-batches of width {width}, not seq_len={seq_len}")
+
         def step(data_iterator, stage):
-            batch = next(data_iterator)
+            batch = _on_model_device(next(data_iterator))
             inputs = {k: batch[k] for k in MODEL_KEYS if batch.get(k) is not None}
             return stage(**inputs), lambda output, **_: loss_func_of(batch, output)
 
         return get_forward_backward_func()(
             forward_step_func=step, data_iterator=iter(micro_batches), model=[self.module],
-            num_microbatches=len(micro_batches), seq_length=seq_len,
-            micro_batch_size=micro_batches[0]["input_ids"].shape[0], forward_only=forward_only,
-            collect_non_loss_data=collect)
+            num_microbatches=len(micro_batches), seq_length=width, micro_batch_size=batch_size,
+            forward_only=forward_only, collect_non_loss_data=collect)
 
     # ------------------------------------------------------------------ forward only
     @torch.no_grad()
-    def logprobs(self, micro_batches: list[dict], seq_len: int) -> list[torch.Tensor] | None:
+    def logprobs(self, micro_batches: list[dict], seq_len: int | None = None) -> list[torch.Tensor] | None:
         """Log-probs of each micro-batch's labels, [b, S] (0 off the loss mask), on the last stage;
-        None elsewhere. Every rank of the model-parallel group must call it."""
+        None elsewhere. Every rank of the model-parallel group must call it.
+
+        micro_batches: padded (:func:`megavrl.rl.batch.collate`, all of width ``seq_len`` when
+        given) or packed (:func:`megavrl.rl.packing.pack`; [b, S] is then the layout of their loss
+        mask). At PP > 1 all of one shape."""
         was_training = self.module.training
         self.module.eval()
         try:
             out = self._schedule(micro_batches, seq_len,
-                                 lambda batch, logits: self._token_stats(logits, batch["labels"])[0] * batch["loss_mask"],
+                                 lambda batch, logits: self._token_stats(logits, batch)[0] * batch["loss_mask"],
                                  forward_only=True, collect=True)
         finally:
             self.module.train(was_training)
         return list(out) if self.is_last_stage else None
 
     # ------------------------------------------------------------------ update
-    def train_step(self, micro_batches: list[dict], seq_len: int, loss_fn: LossFn) -> StepResult:
-        """One optimizer step over ``micro_batches`` (this DP rank's share of a mini-batch)."""
+    def train_step(self, micro_batches: list[dict], seq_len: int | None, loss_fn: LossFn) -> StepResult:
+        """One optimizer step over ``micro_batches`` (this DP rank's share of a mini-batch; padded or
+        packed, as for :meth:`logprobs`). ``loss_fn`` sees log-probs and entropy in the [b, S] layout
+        of the batch's loss mask either way."""
         from megatron.core import parallel_state as ps
 
         assert self.optim is not None, "train_step needs a trainable actor"
@@ -141,7 +164,7 @@ class MegatronActor:
         self.optim.zero_grad()
 
         def loss_func(batch, logits):
-            logprobs, entropy = self._token_stats(logits, batch["labels"])
+            logprobs, entropy = self._token_stats(logits, batch)
             loss, metrics = loss_fn(batch, logprobs, entropy)
             return loss * scale, {k: torch.tensor(float(v)) for k, v in metrics.items()}
 
@@ -222,6 +245,26 @@ class MegatronActor:
             for _ in stream:
                 pass
             raise
+
+
+def _on_model_device(batch: dict) -> dict:
+    """The micro-batch on this rank's GPU (collation builds it on the CPU); as it is on the CPU."""
+    if not torch.cuda.is_available():
+        return batch
+    import dataclasses
+
+    device = torch.device("cuda", torch.cuda.current_device())
+
+    def move(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device, non_blocking=True)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):  # PackedSeqParams: cu_seqlens
+            return dataclasses.replace(value, **{f.name: move(getattr(value, f.name))
+                                                 for f in dataclasses.fields(value)
+                                                 if isinstance(getattr(value, f.name), torch.Tensor)})
+        return value
+
+    return {key: move(value) for key, value in batch.items()}
 
 
 def all_ranks_agree(flag: bool) -> bool:

@@ -1,4 +1,4 @@
-"""Training sequences, their data-parallel sharding and their collation into Megatron micro-batches.
+"""Training sequences and their collation into Megatron micro-batches (cut per rank by megavrl.rl.micro_batches).
 
 A :class:`TrainSequence` is one prompt + response exactly as the rollout engine ran it (video
 placeholder tokens already expanded), the prompt's pixels, and the per-sequence RL quantities.
@@ -10,7 +10,6 @@ and the i-th response token of a sequence whose prompt has ``P`` tokens sits at 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -141,29 +140,3 @@ def split_micro_batches(sequences: list, micro_batch_size: int) -> list[list]:
 def response_from_label_positions(values: torch.Tensor, sequences: list[TrainSequence]) -> list[torch.Tensor]:
     """Undo the alignment: per sequence, the [response_len] values at its loss positions."""
     return [values[i, s.prompt_len - 1:len(s) - 1] for i, s in enumerate(sequences)]
-
-
-def shard_for_data_parallel(sequences: list[TrainSequence], dp_rank: int, dp: int, micro_batch_size: int,
-                            pad_id: int, n_micro: int | None = None) -> list[list[TrainSequence]]:
-    """This DP rank's micro-batches: sequences dealt round-robin, every micro-batch exactly
-    ``micro_batch_size`` long (padding sequences, which carry no loss, fill the gaps), and the same
-    number of micro-batches on every rank: ``n_micro`` when given (ranks that shard different
-    sequence lists agree on it), else what the longest share needs."""
-    per_rank = math.ceil(len(sequences) / dp)
-    n_micro = n_micro or max(1, math.ceil(per_rank / micro_batch_size))
-    mine = sequences[dp_rank::dp]
-    filler = TrainSequence(input_ids=[pad_id, pad_id], prompt_len=1, info={"padding": True})
-    mine = mine + [filler] * (n_micro * micro_batch_size - len(mine))
-    return split_micro_batches(mine, micro_batch_size)
-
-
-def collate_micro_batches(micro: list[list[TrainSequence]], pad_id: int, seq_len: int) -> list[dict]:
-    """``collate`` each micro-batch; the padding sequences of ``shard_for_data_parallel`` get no loss."""
-    batches = []
-    for seqs in micro:
-        batch = collate(seqs, pad_id, seq_len)
-        for i, s in enumerate(seqs):
-            if s.info.get("padding"):
-                batch["loss_mask"][i] = 0.0
-        batches.append(batch)
-    return batches

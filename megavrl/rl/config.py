@@ -167,7 +167,32 @@ class OptimizerConfig:
 
 
 @dataclass
-class TrainerConfig:
+class MicroBatchConfig:
+    """How the actor cuts a step's sequences into micro-batches (keys of the ``trainer`` section;
+    see ``megavrl.rl.micro_batches``).
+
+        packing: run each micro-batch's sequences packed end to end in one row (THD; attention and
+            M-RoPE ids per sequence) instead of padded to the step's longest sequence: the same
+            losses, log-probs and gradients, without computing the padding.
+        max_tokens_per_micro_batch: cut micro-batches by tokens instead of by count: each computes at
+            most this many tokens (packed: the sum of its sequences' lengths; padded: sequences x the
+            padded length), and trainer.micro_batch_size is not used. A sequence longer than the
+            budget runs alone (warned, counted in micro_batches/oversize_sequences). None: by count.
+    """
+
+    packing: bool = True
+    max_tokens_per_micro_batch: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        budget = self.max_tokens_per_micro_batch
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise ConfigError(f"trainer.max_tokens_per_micro_batch={budget!r} must be a positive number of tokens "
+                              f"(for instance rollout.max_model_len, so that the longest sequence fits), or null to "
+                              f"cut micro-batches by trainer.micro_batch_size")
+
+
+@dataclass
+class TrainerConfig(MicroBatchConfig):
     total_steps: int = 100
     prompts_per_step: int = 16
     micro_batch_size: int = 1

@@ -71,33 +71,12 @@ def write_selection(out: Path, result) -> None:
     """selected.jsonl, data.yaml, stats.jsonl, summary.json and variance_hist.png."""
     from dataclasses import asdict
 
+    from megavrl.rl.selection_plot import plot_variance_histogram
+
     (out / "selected.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.selected))
     # A config layer: `--config base.yaml --config DIR/data.yaml` trains on the selection.
     (out / "data.yaml").write_text("data:\n  train:\n    - {json_path: %s, data_folder: /, format: megavrl, "
                                    "name: selected}\n" % (out / "selected.jsonl").resolve())
     (out / "stats.jsonl").write_text("".join(json.dumps(asdict(s), default=str) + "\n" for s in result.stats))
     (out / "summary.json").write_text(json.dumps(result.summary, indent=2, default=str) + "\n")
-    plot_variance_histogram(result.stats, out / "variance_hist.png")
-
-
-def plot_variance_histogram(stats, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    by_task: dict[str, list[float]] = {}
-    for s in stats:
-        by_task.setdefault(s.task or "?", []).append(s.var)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    top = max([v for vs in by_task.values() for v in vs] + [1e-6])
-    bins = [top * i / 20 for i in range(21)]
-    for task, values in sorted(by_task.items()):
-        ax.hist(values, bins=bins, alpha=0.6, label=f"{task} (n={len(values)})")
-    ax.set_xlabel("reward variance over k rollouts")
-    ax.set_ylabel("rows")
-    ax.set_title("Reward variance by task")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plot_variance_histogram(result, out / "variance_hist.png")

@@ -15,7 +15,6 @@ TP gather into full HF tensors, bucketed). One step:
 """
 from __future__ import annotations
 
-import math
 import os
 import resource
 import time
@@ -28,7 +27,9 @@ import torch
 from megavrl.config_base import dump_yaml, to_dict
 from megavrl.log import get_logger
 from megavrl.parallel.collectives import broadcast_object, global_rank
-from megavrl.rl.batch import TrainSequence, collate_micro_batches, padded_length, shard_for_data_parallel
+from megavrl.rl.batch import TrainSequence, padded_length
+from megavrl.rl.learning_signal import LearningSignalCheck
+from megavrl.rl.micro_batches import MicroBatching, micro_batch_metrics, rank_micro_batches
 
 log = get_logger(__name__)
 
@@ -127,6 +128,7 @@ class Trainer:
         self._experience_of_step = self._grpo_experience if self.grpo else self._sft_experience
         self._loss_fn = self._grpo_loss if self.grpo else self._sft_loss
         self.needs_engine = self.grpo or bool(cfg.data.val)
+        self.signal_check = LearningSignalCheck(cfg.model.megatron_ckpt or cfg.model.hf_dir)
         out = Path(cfg.trainer.output_dir)
         self.output_dir = out
         self.ckpt_dir = Path(cfg.checkpoint.dir or out / "checkpoints")
@@ -288,6 +290,8 @@ class Trainer:
                     break
                 self.step += 1
                 self.metrics.write(self.step, metrics)
+                if self.grpo and global_rank() == 0:
+                    self.signal_check.check(self.step, metrics)
                 if self.nonfinite_in_a_row >= cfg.trainer.max_consecutive_nonfinite:
                     path = self.save()
                     self._write_status("stopped_nonfinite", checkpoint=path)
@@ -534,21 +538,19 @@ class Trainer:
         alg = cfg.algorithm
         place = self.placement
         seq_len = padded_length(sequences) if sequences else padded_length([_FILLER])
-        mbs = cfg.trainer.micro_batch_size
+        how = MicroBatching(cfg.trainer.micro_batch_size, cfg.trainer.max_tokens_per_micro_batch, cfg.trainer.packing,
+                            same_shape=cfg.parallel.pp > 1)
         minis = [sequences[i::alg.mini_batches] for i in range(alg.mini_batches)]
-        # Per mini-batch and engine: response tokens, sequences, micro-batches its replicas need.
-        sizes = place.from_every_engine([(sum(s.response_len for s in m), len(m),
-                                          math.ceil(math.ceil(len(m) / place.replicas_per_engine) / mbs))
-                                         for m in minis])
+        # Per mini-batch and engine: response tokens and sequences, for normalisers over the whole step.
+        sizes = place.from_every_engine([(sum(s.response_len for s in m), len(m)) for m in minis])
         normalisers = [(sum(e[i][0] for e in sizes), sum(e[i][1] for e in sizes)) for i in range(len(minis))]
-        n_micro = [max(1, max(e[i][2] for e in sizes)) for i in range(len(minis))]
         kept = [i for i, (_, n_seqs) in enumerate(normalisers) if n_seqs > 0]  # empty everywhere: skipped
         minis = [minis[i] for i in kept]
         normalisers = [normalisers[i] for i in kept]
-        batches = [collate_micro_batches(shard_for_data_parallel(minis[j], place.replica_in_group,
-                                                                 place.replicas_per_engine, mbs, self.pad_id,
-                                                                 n_micro=n_micro[i]), self.pad_id, seq_len)
-                   for j, i in enumerate(kept)]
+        # The group's k replicas share its sequences; every DP rank runs as many micro-batches.
+        cuts = [rank_micro_batches(m, place.replica_in_group, place.replicas_per_engine, how, self.pad_id, seq_len)
+                for m in minis]
+        batches = [cut.batches for cut in cuts]
         need_old = self.grpo and (alg.ppo_epochs > 1 or len(minis) > 1)
         with timer("logprobs"):
             for mb_list in batches:
@@ -582,6 +584,7 @@ class Trainer:
         else:
             self.nonfinite_in_a_row = 0
         metrics["nonfinite/skipped_updates"] = skipped
+        metrics.update(micro_batch_metrics(cuts))
         if grad_norms:
             metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
         return metrics
@@ -701,15 +704,29 @@ class Trainer:
         result = None
         if global_rank() == 0:
             out = Path(self.cfg.eval.output_dir or self.output_dir / "eval") / tag
-            result = report(interleave(shards), self.cfg, out, seconds=time.perf_counter() - t0)
+            result = report(interleave([records for records, _ in shards]), self.cfg, out,
+                            seconds=time.perf_counter() - t0, model=self._eval_model_name(), step=self.step,
+                            val_rows=max(rows for _, rows in shards))
             self.metrics.write(self.step, {k: v for k, v in result.items() if isinstance(v, (int, float))},
                                prefix="eval/")
         return broadcast_object(result)
 
+    def _eval_model_name(self) -> str:
+        """What an evaluation scores: the model the run started from, trained for ``self.step`` steps."""
+        start = self.cfg.model.megatron_ckpt or self.cfg.model.hf_dir
+        return f"{start} + {self.step} steps in {self.output_dir}" if self.step else str(start)
+
     def _print_summary(self, summary: dict) -> None:
-        from megavrl.eval.summary import eval_summary_lines
+        from megavrl.console import fmt
+        from megavrl.eval.report import headline_keys
+        from megavrl.eval.summary import blind_note
 
         lines = [f"megavrl train: {summary['step']} steps{' (interrupted)' if summary['interrupted'] else ''}"]
-        lines += eval_summary_lines(summary["before"], summary["after"])
+        for k in headline_keys({**summary["before"], **summary["after"]}):
+            b, a = summary["before"].get(k), summary["after"].get(k)
+            lines.append(f"  eval {k}: before {fmt(b)} -> after {fmt(a)}{blind_note(k, summary['before'], summary['after'])}")
+        if summary["before"] or summary["after"]:
+            eval_dir = Path(self.cfg.eval.output_dir or self.output_dir / "eval")
+            lines.append(f"  every metric: {eval_dir}/{{before,after}}/metrics.md")
         lines.append(f"  TensorBoard logs: {summary['tensorboard']}  (tensorboard --logdir {summary['tensorboard']})")
         print("\n".join(lines), flush=True)

@@ -23,6 +23,7 @@ processes that re-import the main module.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -65,6 +66,7 @@ class RolloutEngine:
         self.config = config = config or RolloutConfig()
         self.on_cpu = _on_cpu()
         self.sleep_supported = not self.on_cpu
+        self._updates_logged = False
         self.asleep = False
         kwargs: dict[str, Any] = dict(
             model=self.model_dir,
@@ -101,7 +103,11 @@ class RolloutEngine:
             else:
                 log.info("sleep mode is not available on vLLM's CPU backend: starting without it; "
                          "sleep() and wake_up() will do nothing")
+        from megavrl.console import filter_library_handlers, verbose
+
+        kwargs["use_tqdm_on_load"] = verbose()  # the weights of a local directory load in a blink
         kwargs.update(config.engine_kwargs)
+        filter_library_handlers()  # transformers' processor warnings while the engine starts
         start = time.perf_counter()
         # vLLM's engine and worker processes are spawned inside LLM() and inherit this environment.
         no_dynamo = self.on_cpu and not config.cpu_compile_sampler
@@ -215,8 +221,11 @@ class RolloutEngine:
         if stats.params_not_updated:
             log.info("weight update left %d vLLM parameters unchanged (e.g. %s)", len(stats.params_not_updated),
                      ", ".join(stats.params_not_updated[:3]))
-        log.info("weights updated: %d tensors, %.1f MB in %d buckets over %s, %.2f s (%.0f MB/s)", stats.num_tensors,
-                 stats.bytes_moved / 1e6, stats.num_buckets, stats.transport, stats.seconds, stats.mb_per_s)
+        # The first update is described; the later ones are in the step's scalars (weight_sync/*).
+        log.log(logging.DEBUG if self._updates_logged else logging.INFO,
+                "weights updated: %d tensors, %.1f MB in %d buckets over %s, %.2f s (%.0f MB/s)", stats.num_tensors,
+                stats.bytes_moved / 1e6, stats.num_buckets, stats.transport, stats.seconds, stats.mb_per_s)
+        self._updates_logged = True
         return stats
 
     def reset_caches(self) -> None:

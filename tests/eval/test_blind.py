@@ -107,13 +107,12 @@ def test_blind_baseline_of_a_quantile_grid_is_marked_a_lower_bound(monkeypatch):
 
 
 def test_console_summary_shows_the_blind_baseline_beside_each_metric():
-    from megavrl.eval.summary import eval_summary_lines
+    from megavrl.eval.summary import blind_note
 
     before = {"synth_val/tvg/mIoU": 3.0, "synth_val/tvg/blind/mIoU": 12.5, "rows": 8}
     after = {"synth_val/tvg/mIoU": 40.25, "synth_val/tvg/blind/mIoU": 12.5, "rows": 8}
-    assert eval_summary_lines(before, after) == [
-        "  eval rows: before 8 -> after 8",
-        "  eval synth_val/tvg/mIoU: before 3.00 -> after 40.25  (blind baseline 12.50)"]
+    assert blind_note("synth_val/tvg/mIoU", before, after) == "  (blind baseline 12.50)"
+    assert blind_note("rows", before, after) == ""
 
 
 def test_stage_table_lists_each_run_before_after_beside_the_blind_baseline(tmp_path, capsys):

@@ -22,7 +22,7 @@ from megatron.core.transformer.module import MegatronModule
 from megavrl.models.qwen2_5_vl.config import Qwen2_5_VLConfigs
 from megavrl.models.qwen2_5_vl.language import (build_language_model, causal_padding_mask, padding_mask,
                                                 takes_padding_mask)
-from megavrl.models.qwen2_5_vl.rope_index import get_rope_index
+from megavrl.models.qwen2_5_vl.rope_index import get_rope_index, get_rope_index_packed
 
 
 class Qwen2_5_VLModel(MegatronModule):
@@ -92,6 +92,14 @@ class Qwen2_5_VLModel(MegatronModule):
                                 convention=self.rope_convention, **self.configs.rope_index_kwargs())
         return pos
 
+    def packed_position_ids(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                            image_grid_thw: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
+                            second_per_grid_ts: torch.Tensor | None = None) -> torch.Tensor:
+        """[3, 1, T] M-RoPE ids of sequences packed in one row: each segment's own ids (see
+        rope_index.get_rope_index_packed)."""
+        return get_rope_index_packed(input_ids, cu_seqlens, image_grid_thw, video_grid_thw, second_per_grid_ts,
+                                     convention=self.rope_convention, **self.configs.rope_index_kwargs())
+
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
               video_grid_thw: torch.Tensor | None = None, vision_token_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -132,7 +140,7 @@ class Qwen2_5_VLModel(MegatronModule):
                 image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
                 video_grid_thw: torch.Tensor | None = None, second_per_grid_ts: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, runtime_gather_output: bool | None = None,
-                vision_token_mask: torch.Tensor | None = None) -> torch.Tensor:
+                vision_token_mask: torch.Tensor | None = None, packed_seq_params=None) -> torch.Tensor:
         """input_ids [B, S]; attention_mask [B, S] (1 = real token, HF convention) or a ready
         Megatron mask (True = masked: the [B, 1, 1, S] key padding of language.padding_mask, or a
         full [B, 1, S, S] mask, not on the TE spec), None for no padding; position_ids [3, B, S]
@@ -144,25 +152,45 @@ class Qwen2_5_VLModel(MegatronModule):
         other stages the hidden states [S, B, H] for the next stage. vision_token_mask: see
         :meth:`embed` (RL sequences pass it with explicit position_ids, because sampled responses
         may contain placeholder ids that are not vision slots).
+
+        packed_seq_params: Megatron's ``PackedSeqParams`` (``qkv_format="thd"``) for sequences packed
+        end to end in one row (input_ids [1, T], see :mod:`megavrl.rl.packing`): attention stays
+        inside each [cu_seqlens[i], cu_seqlens[i+1]); no attention_mask; position_ids [3, 1, T]
+        hold each sequence's own ids (computed per segment when None).
         """
         batch, seq = input_ids.shape
+        if packed_seq_params is not None:
+            if batch != 1 or attention_mask is not None:
+                raise ValueError(f"packed sequences are one row (input_ids [1, T], got {tuple(input_ids.shape)}) "
+                                 "whose segments come from packed_seq_params: pass no attention_mask")
+            if position_ids is None:
+                position_ids = self.packed_position_ids(input_ids, packed_seq_params.cu_seqlens_q, image_grid_thw,
+                                                        video_grid_thw, second_per_grid_ts)
+            return self._decode(input_ids, position_ids, None, pixel_values, image_grid_thw, pixel_values_videos,
+                                video_grid_thw, vision_token_mask, labels, runtime_gather_output, packed_seq_params)
         hf_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         if position_ids is None:
             position_ids = self.position_ids(input_ids, hf_mask, image_grid_thw, video_grid_thw, second_per_grid_ts)
         if attention_mask is None or attention_mask.dim() == 2:
             make_mask = padding_mask if self.padding_mask_attention else causal_padding_mask
             attention_mask = make_mask(hf_mask, seq, batch, device=input_ids.device)
+        return self._decode(input_ids, position_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+                            video_grid_thw, vision_token_mask, labels, runtime_gather_output, None)
+
+    def _decode(self, input_ids, position_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+                video_grid_thw, vision_token_mask, labels, runtime_gather_output, packed_seq_params):
         decoder_input = None
         if self.pre_process:
             decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
                                        vision_token_mask)
         return self.language_model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                    decoder_input=decoder_input, labels=labels,
-                                   runtime_gather_output=runtime_gather_output)
+                                   runtime_gather_output=runtime_gather_output, packed_seq_params=packed_seq_params)
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw",
-                "pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "vision_token_mask")
+                "pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "vision_token_mask",
+                "packed_seq_params")
 
 
 @torch.no_grad()

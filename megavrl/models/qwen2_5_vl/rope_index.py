@@ -136,6 +136,36 @@ def get_rope_index(
     return position_ids, rope_deltas
 
 
+def get_rope_index_packed(
+    input_ids: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    image_grid_thw: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
+    second_per_grid_ts: torch.Tensor | Iterable[float] | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """M-RoPE ids of sequences packed end to end in one row: [3, 1, T], each segment
+    [cu_seqlens[i], cu_seqlens[i+1]) numbered as if it were alone (exactly :func:`get_rope_index`
+    of the unpacked batch), not continuing from the segment before it.
+
+    input_ids: [1, T] or [T]; cu_seqlens: [segments + 1], 0 first and T last; the grids and
+    seconds in order of appearance over the row; kwargs: those of :func:`get_rope_index`.
+    """
+    row = input_ids.reshape(-1)
+    bounds = [int(b) for b in cu_seqlens]
+    if bounds[0] != 0 or bounds[-1] != row.numel():
+        raise ValueError(f"cu_seqlens {bounds} do not cover the {row.numel()} packed tokens")
+    lengths = [stop - start for start, stop in zip(bounds[:-1], bounds[1:])]
+    longest = max(lengths, default=0)
+    # The segments as the rows of a right-padded batch: grids are consumed in row order, which is
+    # the order of appearance in the packed row.
+    real = torch.arange(longest, device=row.device)[None, :] < torch.tensor(lengths, device=row.device)[:, None]
+    ids = torch.zeros(len(lengths), longest, dtype=row.dtype, device=row.device)
+    ids[real] = row
+    positions, _ = get_rope_index(ids, image_grid_thw, video_grid_thw, second_per_grid_ts, real.long(), **kwargs)
+    return positions[:, real].unsqueeze(1)
+
+
 def text_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """[3, B, S] ids of text-only rows: 0, 1, 2 ... over real tokens, 0 on padding."""
     pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) * attention_mask.long()

@@ -156,3 +156,24 @@ def test_qwen_convention_equals_vllm():
         ref, ref_delta = VllmQwen.get_mrope_input_positions(_Dummy(), tokens, feats)
         assert torch.equal(pos[:, b, inputs["attention_mask"][b].bool()], ref.to(pos.dtype))
         assert delta[b].item() == ref_delta
+
+
+def test_packed_ids_restart_in_every_segment():
+    """Sequences packed end to end in one row get exactly their own ids (as in a padded batch),
+    vision blocks included, not ids continuing from the segment before."""
+    from megavrl.models.qwen2_5_vl.rope_index import get_rope_index_packed
+
+    config = _hf_config()
+    inputs = _synthetic_batch("right")
+    padded, _ = get_rope_index(**inputs, **rope_index_kwargs(config))
+    real = inputs["attention_mask"].bool()
+    lengths = real.sum(dim=1)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).int()
+    packed = get_rope_index_packed(inputs["input_ids"][real][None], cu, inputs["image_grid_thw"],
+                                   inputs["video_grid_thw"], inputs["second_per_grid_ts"], **rope_index_kwargs(config))
+    assert packed.shape == (3, 1, int(lengths.sum()))
+    assert torch.equal(packed[:, 0], padded[:, real])
+    assert packed[:, 0, lengths[0]].tolist() == [0, 0, 0]  # the second sequence starts over
+    with pytest.raises(ValueError, match="do not cover"):
+        get_rope_index_packed(inputs["input_ids"][real], cu[:-1], inputs["image_grid_thw"], inputs["video_grid_thw"],
+                              inputs["second_per_grid_ts"], **rope_index_kwargs(config))
