@@ -228,7 +228,9 @@ def test_parsers_accept_non_strings(value):
     "end at" + " " * 50_000 + "x",
 ])
 def test_parsers_are_fast_on_long_adversarial_input(text):
-    began = time.perf_counter()
+    # CPU seconds of this process, not wall time: a loaded machine must not fail it. Quadratic
+    # backtracking on these 50k-character inputs costs minutes; linear parsing, milliseconds.
+    began = time.process_time()
     for candidate in (text, f"<answer>{text}</answer>"):
         extract_answer(candidate)
         format_reward(candidate, "strict")
@@ -236,4 +238,4 @@ def test_parsers_are_fast_on_long_adversarial_input(text):
         parse_span(candidate)
         parse_choice(candidate, OPTIONS)
         parse_timestamp(candidate)
-    assert time.perf_counter() - began < 2.0
+    assert time.process_time() - began < 5.0
