@@ -32,6 +32,11 @@ QUESTION = "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>when do
 def _engine_process(model_dir: str, shard: int, shards: int, args: dict, threads: int, ready, go, results) -> None:
     """One engine: start, warm up, then on ``go`` sample prompts ``shard, shard + shards, ...``."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
+    # As torchrun starts them: local rank ``shard`` of two processes per 2-core node, so that the
+    # engine binds its threads to its own share of the cores; one engine given every core binds to all.
+    os.environ["LOCAL_RANK"], os.environ["LOCAL_WORLD_SIZE"] = str(shard), str(max(shards, 2))
+    if threads > 1:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:threads])
     import torch
 
     torch.set_num_threads(threads)

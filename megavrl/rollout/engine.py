@@ -46,6 +46,25 @@ _SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "max_new_tokens", "ign
                     "stop_token_ids", "logprobs")
 
 
+def cpu_core_share(local_rank: int | None = None, local_world_size: int | None = None,
+                   cpus: list[int] | None = None) -> str | None:
+    """The CPU cores an engine started by local rank ``local_rank`` of ``local_world_size`` processes
+    on this node should run on, as vLLM's ``VLLM_CPU_OMP_THREADS_BIND`` list ("2,3"): an even share
+    of the cores this process may use. None for a process alone on its node (vLLM's own choice).
+
+    vLLM's automatic binding (``auto``) picks the cores of the first NUMA node for local rank 0 of its
+    own world, so every engine of a node (one per data-parallel replica, each in its own process)
+    would bind its threads to the same cores and the engines would run one at a time."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if local_world_size is None else local_world_size
+    if local_world_size <= 1:
+        return None
+    cpus = sorted(os.sched_getaffinity(0)) if cpus is None else sorted(cpus)
+    per = max(1, len(cpus) // local_world_size)
+    start = (local_rank * per) % len(cpus)
+    return ",".join(str(c) for c in cpus[start:start + per])
+
+
 def _on_cpu() -> bool:
     from vllm.platforms import current_platform
 
@@ -114,9 +133,15 @@ class RolloutEngine:
         saved = os.environ.get("TORCHDYNAMO_DISABLE")
         if no_dynamo:
             os.environ["TORCHDYNAMO_DISABLE"] = "1"
+        cores = cpu_core_share() if self.on_cpu and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ else None
+        if cores:  # vLLM's automatic binding puts every engine of a node on the same cores
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cores
+            log.info("vLLM CPU threads bound to cores %s (this process's share of the node)", cores)
         try:
             self.llm = LLM(**kwargs)
         finally:
+            if cores:
+                os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
             if no_dynamo:
                 if saved is None:
                     os.environ.pop("TORCHDYNAMO_DISABLE", None)

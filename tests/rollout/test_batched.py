@@ -53,3 +53,4 @@ def test_seeds_follow_the_rows_before_each_batch():
     list(rollout_batches(shard, _source(3, []), total=3, desc="t", batch_size=4, seed=7, index_of=lambda j: 2 * j + 1))
     assert shard.calls[0][1]["seed"] == [sampling_seed(7, 1), sampling_seed(7, 3), sampling_seed(7, 5)]
     assert len({sampling_seed(s, i) for s in range(5) for i in range(1000)}) == 5000  # distinct per (seed, index)
+
