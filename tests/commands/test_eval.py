@@ -49,7 +49,10 @@ def test_eval_writes_predictions_metrics_and_report(run_config, capsys):
     assert all(p["ground_truth"]["question"] == rows[p["id"]]["question"] for p in predictions)
     raw = [{k: p[k] for k in ("id", "task", "benchmark", "response", "ground_truth")} for p in predictions]
     rescored, recomputed = evaluate_predictions(raw, RewardConfig())
+    run = metrics.pop("run")  # the report's header: what was served, not a figure of the predictions
     assert recomputed == metrics
+    assert run["rows_scored"] == run["val_rows"] == len(val_rows)
+    assert run["model"] == yaml.safe_load(path.read_text())["model"]["hf_dir"] and run["checkpoint_step"] is None
     assert [(r["iou"], r["correct"], r["parse_ok"]) for r in rescored] == \
         [(p["iou"], p["correct"], p["parse_ok"]) for p in predictions]
     assert metrics["overall"]["n_parse_failures"] == sum(not p["parse_ok"] for p in predictions)
