@@ -290,7 +290,8 @@ def scenario_tp2(workdir: Path, hf_dir: str, data_dir: str) -> dict:
         runs = {}
         for name, over in (("dp1", {"parallel.tp": 2}), ("dp2", {"parallel.tp": 1})):
             t = Trainer(config(workdir, hf_dir, data_dir, f"DP_{algo}_{name}", **over, **extra, **{
-                "algorithm.name": algo, "trainer.total_steps": 1, "optimizer.adam_eps": 1.0, "optimizer.clip_grad": 1e6}),
+                "algorithm.name": algo, "trainer.total_steps": 1, "optimizer.adam_eps": 1.0, "optimizer.clip_grad": 1e6,
+                "rollout.engines": 1}),  # one engine for both layouts (engines per replica: test_placement.py)
                 engine=engine if algo == "grpo" else None)
             rec = Recorder(t)
             t.run()
