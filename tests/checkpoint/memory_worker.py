@@ -20,7 +20,7 @@ from pathlib import Path
 
 def to_megatron(work: Path, preset: str, layout: str) -> Path:
     from bench.bench_convert import measure
-    from megavrl.models.qwen2_5_vl.tiny import make_tiny_model
+    from megavrl.checkpoint.tiny import make_tiny_model
 
     hf = make_tiny_model(work / f"{preset}-{layout}", preset=preset, seed=1, layout=layout)
     measure("h2m", hf, work / f"{preset}-{layout}-ckpt")  # in a forked child, as the large model
