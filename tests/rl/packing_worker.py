@@ -22,6 +22,7 @@ log-probs by >= 1e-2.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -30,6 +31,12 @@ LAYOUTS = [(1, 1), (2, 1), (1, 2)]
 LOGPROB_ATOL = 1e-5
 RELATIVE_TOL = 1e-5
 PAD = 0
+
+
+def emit(line: str) -> None:
+    """One report line in one write(2): both ranks share stdout, and print() writes the text and the
+    newline separately, so two ranks' lines could run into each other."""
+    os.write(1, (line + "\n").encode())
 
 
 def make_sequences(configs, seed: int = 0) -> list:
@@ -90,7 +97,7 @@ def check_budget(rank: int, world: int) -> None:
             assert [s.info["index"] for s in real] == sorted(s.info["index"] for s in real)  # order kept
             assert batch["loss_mask"].sum() == sum(s.response_len for s in real)
         assert cut.oversize_sequences == sum(n > budget for n in lengths)
-    print(f"BUDGET rank={rank} counts={counts}", flush=True)
+    emit(f"BUDGET rank={rank} counts={counts}")
 
 
 def grpo_loss(mini):
@@ -181,7 +188,7 @@ def check_parity(hf_dir: str, tp: int, pp: int) -> None:
         check_sensitivity(actor, results["packed"]["cut"], ref)
     worst["computed_tokens"] = {"padded": padded_tokens, "packed_budget": packed_tokens}
     worst["grad_norm"] = ref["grad_norm"]
-    print(f"PARITY tp={tp} pp={pp} rank={layout.rank} {json.dumps(worst)}", flush=True)
+    emit(f"PARITY tp={tp} pp={pp} rank={layout.rank} {json.dumps(worst)}")
     del actor
 
 
