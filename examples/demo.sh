@@ -27,7 +27,7 @@ echo "== 1/3 tiny model and synthetic data in $out"
 "$megavrl" data synth --out "$out/data" --tasks tvg,mcq,gqa --n 96 --seed 0 --size 112x84 --val-fraction 0.25
 
 echo "== 2/3 SFT warm start"
-"$megavrl" train --config "$config" "${common[@]}" algorithm.name=sft trainer.total_steps=240 logging.log_every=10 \
+"$megavrl" train --config "$config" "${common[@]}" algorithm.name=sft trainer.total_steps=240 logging.log_every=10 checkpoint.save_every=60 \
     optimizer.lr=1e-3 trainer.output_dir="$out/sft"
 
 echo "== 3/3 GRPO from the SFT model"

@@ -186,7 +186,7 @@ class CheckpointManager:
         done = self.complete()
         for _, old in done[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-            log.info("removed old checkpoint %s (keep_last=%d)", old, self.keep_last)
+            log.debug("removed old checkpoint %s (keep_last=%d)", old, self.keep_last)
         for stale in self.root.glob(".tmp-*"):  # left by a run killed while saving
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
