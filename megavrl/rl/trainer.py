@@ -348,7 +348,9 @@ class Trainer:
         from megavrl.checkpoint.manager import capture_rng_state
 
         state = {"rng": capture_rng_state()}
-        shards = self.placement.from_every_engine(self.dataset.state_dict() if self.dataset is not None else None)
+        mine = self.dataset.state_dict() if self.dataset is not None else None
+        # Called at every step boundary: with one engine, rank 0 holds the only shard (no collective).
+        shards = [mine] if self.placement.engines == 1 else self.placement.from_every_engine(mine)
         if global_rank() == 0:
             state["data"] = {"engines": self.placement.engines, "shards": shards}
         return state
