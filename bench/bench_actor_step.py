@@ -93,12 +93,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from bench.common import Figure, write_result
+from megavrl.checks.gpu import GPU_SHAPES, PUBLISHED_SHAPES, first_special_id, gpu_model_config
 from megavrl.models.qwen2_5_vl.flops import (FLOPS_FORMULA, actor_step_flops, lm_matmul_params,
                                              vision_encoder_params)
 
@@ -348,35 +348,8 @@ def bench_cpu(args) -> None:
 
 # ------------------------------------------------------------------------------------ GPU bench
 
-# Sizes of the published Qwen2.5-VL-{3B,7B}-Instruct config.json files (one vision tower for both,
-# its out_hidden_size = the LM width), and "tiny": debug sizes with the same vision geometry (patch,
-# merge, window) and its own special-token ids, so that this mode runs in seconds on a CPU.
-_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
-               spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
-               tokens_per_second=2, in_chans=3, hidden_act="silu")
-_COMMON = dict(model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"], hidden_act="silu",
-               max_position_embeddings=128000, rms_norm_eps=1e-6, rope_theta=1000000.0,
-               rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, bos_token_id=151643,
-               eos_token_id=151645, image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
-               vision_end_token_id=151653, torch_dtype="bfloat16")
-GPU_SHAPES = {
-    "Qwen2.5-VL-3B": dict(_COMMON, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                          num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
-                          vision_config=dict(_VISION, out_hidden_size=2048)),
-    "Qwen2.5-VL-7B": dict(_COMMON, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                          num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
-                          vision_config=dict(_VISION, out_hidden_size=3584)),
-    "tiny": dict(_COMMON, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, vocab_size=2048, tie_word_embeddings=False,
-                 rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}, bos_token_id=2000, eos_token_id=2001,
-                 vision_start_token_id=2002, vision_end_token_id=2003, image_token_id=2004, video_token_id=2005,
-                 vision_config=dict(_VISION, depth=4, hidden_size=64, intermediate_size=128, num_heads=2,
-                                    fullatt_block_indexes=[3], out_hidden_size=128)),
-}
-PUBLISHED_SHAPES = ["Qwen2.5-VL-3B", "Qwen2.5-VL-7B"]
-_SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "vision_start_token_id", "vision_end_token_id", "image_token_id",
-                   "video_token_id")
-
+# The shapes (GPU_SHAPES: the published 3B and 7B config.json dicts, and "tiny") and their cut to fewer
+# layers are those of the GPU check (megavrl.checks.gpu), one table for both.
 # The reference recipe (examples/configs/qwen2_5_vl_{3b,7b}_tvg.yaml, after Li et al., 2025) samples
 # videos at 2 fps with a 2048-visual-token budget per video and answers in up to 2048 tokens: about
 # half of a sequence is video. Its Charades frames (360x480, videos of 16 s or more) are resized to
@@ -387,21 +360,6 @@ DEFAULT_FRAME_SIZE = (280, 364)
 # Text of the prompt around the video (tokens): the chat header before it; the grounding question and
 # the assistant header after it. Stand-ins of about the recipe's lengths, random ordinary tokens.
 PROMPT_TEXT_TOKENS = (20, 60)
-
-
-def gpu_model_config(shape: str, num_layers: int = 0, vision_depth: int = 0) -> dict:
-    """The config.json dict of ``shape`` (a GPU_SHAPES key) cut to its first ``num_layers`` decoder
-    layers and ``vision_depth`` vision blocks (0 or more than published: all of them). Full-attention
-    vision blocks beyond the cut go with it (depth 8 keeps one: 7 window blocks, then block 7)."""
-    cfg = dict(GPU_SHAPES[shape])
-    vision = dict(cfg["vision_config"])
-    if num_layers:
-        cfg["num_hidden_layers"] = min(num_layers, cfg["num_hidden_layers"])
-    if vision_depth:
-        vision["depth"] = min(vision_depth, vision["depth"])
-        vision["fullatt_block_indexes"] = [i for i in vision["fullatt_block_indexes"] if i < vision["depth"]]
-    cfg["vision_config"] = vision
-    return cfg
 
 
 def video_frame_count(seq_len: int, video_share: float, frame_size: tuple[int, int], vision: dict) -> int:
@@ -445,7 +403,7 @@ def gpu_micro_batch(cfg: dict, seq_len: int, video_share: float, frame_size: tup
 
     vision_cfg = cfg["vision_config"]
     # Ordinary tokens only (below the first special token): none is taken for a vision slot.
-    first_special = min(cfg[k] for k in _SPECIAL_TOKENS)
+    first_special = first_special_id(cfg)
     gen = torch.Generator().manual_seed(seed)
 
     def text(n: int) -> torch.Tensor:
@@ -491,19 +449,6 @@ def gpu_micro_batch(cfg: dict, seq_len: int, video_share: float, frame_size: tup
 # ---------------------------------------------------------------- the GPU run
 
 
-@contextmanager
-def random_weights():
-    """MegatronActor without loading safetensors: keep Megatron's random initialisation."""
-    import megavrl.checkpoint.hf_io as hf_io
-
-    saved = hf_io.load_hf_weights
-    hf_io.load_hf_weights = lambda *a, **k: None
-    try:
-        yield
-    finally:
-        hf_io.load_hf_weights = saved
-
-
 def _synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -544,10 +489,9 @@ def bench_gpu(args) -> None:
         for recompute in (False, True):
             with tempfile.TemporaryDirectory(prefix="megavrl-bench-mfu-") as tmp:
                 (Path(tmp) / "config.json").write_text(json.dumps(cfg))
-                with random_weights():
-                    actor = MegatronActor(tmp, tp=1, pp=1, dtype=args.gpu_dtype, recompute=recompute,
-                                          freeze_vision=not train_encoder, freeze_projector=not train_merger,
-                                          optimizer_config=OptimizerConfig(lr=LR), total_steps=1000)
+                actor = MegatronActor(tmp, tp=1, pp=1, dtype=args.gpu_dtype, recompute=recompute,
+                                      freeze_vision=not train_encoder, freeze_projector=not train_merger,
+                                      optimizer_config=OptimizerConfig(lr=LR), total_steps=1000, random_init=True)
             for seq_len, (batch, info) in inputs.items():
                 n_seq = max(1, args.gpu_tokens_per_step // seq_len)
                 mb = {k: v.to(device) for k, v in batch.items()}

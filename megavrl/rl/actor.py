@@ -43,12 +43,13 @@ class MegatronActor:
     """This rank's pipeline stage and TP shard of Qwen2.5-VL, optionally with an optimizer.
 
     trainable=False builds a frozen copy (the reference policy): no DDP, no optimizer, no grads.
+    random_init=True keeps Megatron's random weights: ``hf_dir`` then needs only its config.json.
     """
 
     def __init__(self, hf_dir: str, tp: int, pp: int, *, dtype: str = "auto", trainable: bool = True,
                  freeze_vision: bool = False, freeze_projector: bool = False, recompute: bool = False,
                  optimizer_config=None, total_steps: int = 1, use_distributed_optimizer: bool = False,
-                 megatron_ckpt: str | None = None, rope_convention: str = "qwen"):
+                 megatron_ckpt: str | None = None, rope_convention: str = "qwen", random_init: bool = False):
         from megavrl.checkpoint.hf_io import load_hf_weights
         from megavrl.checkpoint.mapping import mapping_context
         from megavrl.models.qwen2_5_vl.config import build_configs
@@ -66,7 +67,7 @@ class MegatronActor:
                                      rope_convention=rope_convention)
         if megatron_ckpt:
             self.load_megatron(megatron_ckpt)
-        else:
+        elif not random_init:
             load_hf_weights(self.model, hf_dir, mapping_context(self.configs))
         self.optim = None
         if trainable:
