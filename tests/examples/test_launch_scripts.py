@@ -272,7 +272,8 @@ def test_sbatch_header():
 # ---------------------------------------------------------------------------------------------
 # Lint
 # ---------------------------------------------------------------------------------------------
-SCRIPTS = sorted(p for p in (REPO / "examples").rglob("*") if p.suffix in (".sh", ".sbatch"))
+SCRIPTS = sorted(p for p in [*(REPO / "examples").rglob("*"), *(REPO / "tools").glob("*")]
+                 if p.suffix in (".sh", ".sbatch"))
 
 
 def _shellcheck() -> str:
