@@ -272,7 +272,9 @@ def all_ranks_agree(flag: bool) -> bool:
     """True on every rank when ``flag`` is True on every rank (a MIN all-reduce over the world)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    # NCCL reduces CUDA tensors only (a CPU tensor: "No backend type associated with device type cpu").
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
     return bool(t.item())
 

@@ -120,7 +120,9 @@ class PreemptionHandler:
 
     def should_stop(self) -> bool:
         """True on every rank if any rank received a signal (collective when distributed)."""
-        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32)
+        # NCCL reduces CUDA tensors only (a CPU tensor: "No backend type associated with device type cpu").
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32, device=device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
