@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Hugging Face Qwen2.5-VL directory -> megavrl Megatron checkpoint at a TP/PP layout.
 
-Same code and options as ``megavrl convert hf-to-megatron`` (megavrl/checkpoint/commands.py):
+Same code and options as ``megavrl convert hf-to-megatron`` (megavrl/commands/convert.py):
 
     python tools/convert_hf_to_megatron.py --hf-dir Qwen2.5-VL-7B-Instruct --out ckpt/7b-tp4 --tp 4 --pp 1
 

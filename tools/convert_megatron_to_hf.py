@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """megavrl Megatron checkpoint (any TP/PP; converter output, trainer step or root) -> Hugging Face directory.
 
-Same code and options as ``megavrl convert megatron-to-hf`` (megavrl/checkpoint/commands.py):
+Same code and options as ``megavrl convert megatron-to-hf`` (megavrl/commands/convert.py):
 
     python tools/convert_megatron_to_hf.py --ckpt runs/exp1/checkpoints --out exp1-hf --dtype bf16
 """

@@ -21,6 +21,14 @@ next one is read. Megatron -> HF reads one parameter (one layer of a stacked ten
 from the dist checkpoint, merges it into HF tensors with the mapping table and streams them into
 safetensors shards whose headers were written first. Peak memory is a few times the largest
 tensor, whatever the model's size (bench/bench_convert.py measures it).
+
+Speed, Megatron -> HF. The checkpoint is memory-mapped, not read; a tensor that HF stores as the
+checkpoint does (same dtype, same layout: all but the attention's QKV at TP=1, and the halves of
+the SwiGLU fc1 as gate_proj and up_proj) goes from file to file in the kernel
+(``os.copy_file_range``); the next tensors are prepared in a thread meanwhile; the output is
+flushed to disk in the background while it is written. On a 1.7 GB model this runs at about the
+speed of transformers' ``from_pretrained`` + ``save_pretrained``, which neither bounds memory nor
+syncs the files to disk.
 """
 from __future__ import annotations
 
@@ -431,15 +439,33 @@ def _check_megatron_tensors(reader, sources: list[_ParamSource], configs, ckpt: 
             "checkpoint was made from."))
 
 
-def _read_param(reader, src: _ParamSource) -> torch.Tensor:
-    """One parameter at TP=1 (whole, its vocab padding as saved), read box by box."""
+def _read_pieces(reader, src: _ParamSource) -> list[torch.Tensor]:
+    """The stored pieces of one parameter at TP=1 (views of the mapped checkpoint, no copy)."""
     pieces = []
     for box in src.boxes:
         if box.flexible:  # the saved vocab padding may differ from TP=1's: read all saved rows
             pieces.append(reader.read(box.key))
         else:
             pieces.append(reader.read(box.key, box.offsets, box.sizes).reshape(box.local_shape))
-    return src.merge(pieces) if src.merge is not None else pieces[0]
+    return pieces
+
+
+def _read_hf_tensors(reader, src: _ParamSource, ctx) -> list[torch.Tensor]:
+    """The HF tensors of one parameter, in its row's HF order.
+
+    Megatron's SwiGLU factory stores fc1 as its two halves (``_w`` = gate, ``_v`` = up) and joins
+    them on load; the HF checkpoint wants them apart again. At TP=1 the stored halves *are*
+    gate_proj and up_proj, so they are passed on as they are instead of joined and split (a copy
+    of every MLP's largest weight)."""
+    from megavrl.checkpoint.mapping import Split, merge_shards
+
+    row = src.binding.row
+    pieces = _read_pieces(reader, src)
+    if (src.merge is not None and row.split is Split.GATE_UP and len(pieces) == 2
+            and pieces[0].shape == pieces[1].shape and 2 * pieces[0].shape[0] == src.shape[0]):
+        return pieces
+    param = src.merge(pieces) if src.merge is not None else pieces[0]
+    return merge_shards(row.split, [param], ctx, row.component)
 
 
 def _update_config_dtype(config_path: Path, dtype: torch.dtype) -> None:
@@ -469,6 +495,48 @@ def export_plan(sources: list[_ParamSource], ctx):
     return plan
 
 
+def _read_ahead(items, depth: int = 2):
+    """Iterate ``items`` (a generator) in a background thread, at most ``depth`` items ahead of the
+    caller, so that producing the next item (reading, unpickling, re-laying out) overlaps with the
+    caller's work on this one (the kernel copying it to disk). Exceptions reach the caller; the
+    thread stops when the caller stops iterating."""
+    import queue
+    import threading
+
+    done = object()
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        ready.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put((done, None))
+        except BaseException as e:  # noqa: BLE001 -- handed to the caller
+            ready.put((done, e))
+
+    thread = threading.Thread(target=produce, name="megatron-to-hf-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 def convert_megatron_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, dtype: str | torch.dtype = "bf16",
                            max_shard_size: str | int = "5GB", force: bool = False,
                            hf_config: str | os.PathLike | None = None, progress: bool = True) -> Path:
@@ -483,7 +551,6 @@ def convert_megatron_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, dtyp
         has no ``hf/`` (a trainer checkpoint) or to override it; checked against the tensors.
     """
     from megavrl.checkpoint.dist_io import DistCheckpointReader
-    from megavrl.checkpoint.mapping import merge_shards
     from megavrl.checkpoint.safetensors_writer import ShardedSafetensorsWriter, parse_size
     from megavrl.checkpoint.tensor_spec import TensorSpec
     from megavrl.models.qwen2_5_vl.config import build_configs, require_hf_dir
@@ -493,7 +560,7 @@ def convert_megatron_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, dtyp
     target = torch_dtype(dtype)
     cap = parse_size(max_shard_size)
     ckpt_dir = resolve_checkpoint(ckpt)
-    DistCheckpointReader(ckpt_dir / "dist").close()  # a damaged checkpoint fails here, before any model is built
+    reader = DistCheckpointReader(ckpt_dir / "dist")  # a damaged checkpoint fails here, before any model is built
     config_from = Path(hf_config) if hf_config is not None else ckpt_dir / "hf"
     if hf_config is not None:
         require_hf_dir(hf_config, "--hf-config")
@@ -513,22 +580,20 @@ def convert_megatron_to_hf(ckpt: str | os.PathLike, out: str | os.PathLike, dtyp
     sources = _param_sources(configs)
     tmp = _new_tmp_dir(out)
     try:
-        with DistCheckpointReader(ckpt_dir / "dist") as reader:
+        with reader:
             _check_megatron_tensors(reader, sources, configs, ckpt_dir, config_from)
             plan = export_plan(sources, ctx)
             planned = [TensorSpec(n, s, target) for _, named in plan for n, s in named]
             tmp.mkdir(parents=True)
             writer = ShardedSafetensorsWriter(tmp, planned, cap)
             bar = _progress(writer.total_bytes, f"megatron->hf {dtype_name(target)}", progress)
+            hf_tensors = ((name, tensor.to(target)) for src, named in plan
+                          for (name, _), tensor in zip(named, _read_hf_tensors(reader, src, ctx)))
             with writer:
-                for src, named in plan:
-                    param = _read_param(reader, src)
-                    row = src.binding.row
-                    for (hf_name, _), tensor in zip(named, merge_shards(row.split, [param], ctx, row.component)):
-                        tensor = tensor.to(target)
-                        writer.write(hf_name, tensor)
-                        bar.update(tensor.nbytes)
-                    del param, tensor
+                for hf_name, tensor in _read_ahead(hf_tensors):
+                    writer.write(hf_name, tensor, source=reader.file_span(tensor))
+                    bar.update(tensor.nbytes)
+                    del tensor
                     _release_freed_memory()
             bar.close()
         kept = copy_hf_side_files(config_from, tmp)

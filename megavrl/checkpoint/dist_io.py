@@ -17,8 +17,10 @@ written with ``torch.save`` at the file offset recorded in the ``.metadata`` (as
 Reading (:class:`DistCheckpointReader`): any box of any tensor, e.g. one layer of a stacked
 ``decoder.layers.*`` tensor, assembled from the chunks that overlap it, whatever TP/PP wrote
 them. The ``.metadata`` file is a pickle: it is read with an unpickler that admits only the
-checkpoint metadata classes, and tensor chunks with ``torch.load(weights_only=True)``, so a
-checkpoint cannot run code.
+checkpoint metadata classes, and tensor chunks as ``torch.load(weights_only=True)`` reads them
+(torch's zip reader and weights-only unpickler), so a checkpoint cannot run code. A chunk's data are
+not copied: its tensor views a private memory map of the file, and :meth:`DistCheckpointReader.file_span`
+says where a tensor's bytes lie, for a writer to copy them file to file.
 
 On-disk layout of a ``dist/`` directory (Megatron's torch_dist, version 1)::
 
@@ -33,8 +35,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import mmap
 import os
 import pickle
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -257,6 +261,55 @@ class _FileWindow(io.RawIOBase):
         self._pos += got
         return got
 
+class _MappedRecord:
+    """A ``torch.save`` record of a checkpoint file, memory-mapped (private, copy-on-write)."""
+
+    def __init__(self, f, offset: int, length: int):
+        self.fd = f.fileno()
+        self.reader = torch._C.PyTorchFileReader(_FileWindow(f, offset, length))
+        self.start = offset - offset % mmap.ALLOCATIONGRANULARITY  # mmap offsets are page-aligned
+        self.offset = offset
+        self.map = mmap.mmap(self.fd, offset + length - self.start, access=mmap.ACCESS_COPY, offset=self.start)
+        self.base = 0  # the mapping's address, known once a storage views it
+
+    def load(self) -> torch.Tensor:
+        """The record's tensor, its storage a view of the mapping: no copy, no heap memory.
+
+        ``torch.load`` reads the record's bytes into a fresh buffer (a copy, and the caller usually
+        copies again); here the zip directory and the pickle are parsed as ``torch.load(weights_only=
+        True)`` parses them (torch's own zip reader and weights-only unpickler) and each storage
+        views the mapped bytes. The mapping lives as long as the tensor or a view of it does."""
+        from torch import _weights_only_unpickler
+
+        storages = {}
+
+        def persistent_load(saved_id):
+            kind, storage_type, key, _location, numel = saved_id
+            if kind != "storage":
+                raise pickle.UnpicklingError(f"unexpected persistent id {kind!r} in a tensor record")
+            if key not in storages:
+                dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+                nbytes = numel * torch._utils._element_size(dtype)
+                at = self.offset - self.start + self.reader.get_record_offset(f"data/{key}")
+                if at + nbytes > len(self.map):
+                    raise EOFError(f"storage {key} ends past the record ({at + nbytes} > {len(self.map)} bytes)")
+                data = torch.frombuffer(self.map, dtype=torch.uint8, count=nbytes, offset=at) if nbytes else \
+                    torch.empty(0, dtype=torch.uint8)
+                if nbytes:
+                    self.base = data.data_ptr() - at
+                storages[key] = torch.storage.TypedStorage(wrap_storage=data.untyped_storage(), dtype=dtype,
+                                                           _internal=True)
+            return storages[key]
+
+        unpickler = _weights_only_unpickler.Unpickler(io.BytesIO(self.reader.get_record("data.pkl")),
+                                                      encoding="utf-8")
+        unpickler.persistent_load = persistent_load
+        tensor = unpickler.load()
+        if not isinstance(tensor, torch.Tensor):
+            raise pickle.UnpicklingError(f"a tensor record holds a {type(tensor).__name__}, not a tensor")
+        return tensor
+
+
 # The classes a DCP ``.metadata`` pickle may name; anything else is refused.
 _METADATA_GLOBALS = {
     ("torch.distributed.checkpoint.metadata", n) for n in (
@@ -352,8 +405,8 @@ class DistCheckpointReader:
         reader.tensors["language_model.decoder.layers.mlp.linear_fc2.weight"].shape   # (layers, H, F)
         layer3 = reader.read("language_model.decoder.layers.mlp.linear_fc2.weight", (3, 0, 0), (1, H, F))
 
-    Chunks are read from disk as needed (a box of a stacked layer tensor reads that layer's
-    chunks only) with ``torch.load(weights_only=True)``.
+    Chunks are mapped from disk as needed (a box of a stacked layer tensor maps that layer's
+    chunks only), parsed as ``torch.load(weights_only=True)`` parses them.
     """
 
     def __init__(self, dist_dir: str | os.PathLike):
@@ -376,6 +429,9 @@ class DistCheckpointReader:
                 self._chunks[key] = md.chunks
         self.objects = [k for k in self.metadata.state_dict_metadata if k not in self.tensors]
         self._files: dict[str, Any] = {}
+        # (weak reference to the mapping, its address, its length, file descriptor, file offset of
+        # its first byte) of every record mapped by read(): see file_span()
+        self._mappings: list[tuple[weakref.ref, int, int, int, int]] = []
 
     def __enter__(self):
         return self
@@ -430,14 +486,30 @@ class DistCheckpointReader:
         f = self._files.get(info.relative_path)
         if f is None:
             f = self._files[info.relative_path] = open(self.dir / info.relative_path, "rb", buffering=0)
-        # torch.load reads the record straight from the file into the tensor's storage.
         try:
-            return torch.load(_FileWindow(f, info.offset, info.length), map_location="cpu", weights_only=True)
+            record = _MappedRecord(f, info.offset, info.length)
+            tensor = record.load()
+            self._mappings = [m for m in self._mappings if m[0]() is not None]
+            if record.base:
+                self._mappings.append((weakref.ref(record.map), record.base, len(record.map), record.fd, record.start))
+            return tensor
         except (EOFError, RuntimeError, pickle.UnpicklingError) as e:
             # A tensor record is plain torch.save output: failing to load it means damaged bytes.
             if isinstance(e, RuntimeError) and not _is_corrupt_record(e):
                 raise
             raise self._corrupt(info.relative_path, key, e) from e
+
+    def file_span(self, tensor: torch.Tensor) -> tuple[int, int] | None:
+        """(file descriptor, byte offset) where the bytes of ``tensor`` lie in the checkpoint, if it
+        is a contiguous view of a chunk returned by :meth:`read` (e.g. to copy them file to file,
+        ``os.copy_file_range``); None otherwise. Valid while this reader is open."""
+        if not tensor.is_contiguous() or tensor.device.type != "cpu" or tensor.numel() == 0:
+            return None
+        ptr = tensor.data_ptr()
+        for ref, base, length, fd, file_offset in self._mappings:
+            if base <= ptr and ptr + tensor.nbytes <= base + length and ref() is not None:
+                return fd, file_offset + ptr - base
+        return None
 
     def read(self, key: str, offsets: Sequence[int] | None = None, sizes: Sequence[int] | None = None,
              dtype: torch.dtype | None = None) -> torch.Tensor:

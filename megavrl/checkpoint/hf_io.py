@@ -167,6 +167,8 @@ def export_hf_weights(model, ctx: MappingContext | None = None, ranks: str = "al
         where a gradient is None), e.g. to compare gradients with transformers.
     Order: stage by stage (vision tower, embedding, layers, final norm, output), table order
     within a stage. Tied output weights are not exported (HF has no lm_head then).
+    A yielded tensor may share memory with the parameter (at TP=1, PP=1 without ``dtype``): copy
+    it before changing it.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps

@@ -357,21 +357,24 @@ def shard_hf_tensors(split: Split, hf_tensors: Sequence[torch.Tensor], tp_rank: 
 def merge_shards(split: Split, shards: Sequence[torch.Tensor], ctx: MappingContext,
                  component: str = "language") -> list[torch.Tensor]:
     """The shards of all TP ranks (in rank order) -> the full HF tensors, in the row's HF order."""
+    def cat(tensors, dim=0):  # one shard (TP=1, the exporter's case) is returned as it is: no copy
+        return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors), dim=dim)
+
     if split is Split.REPLICATED:
         return [shards[0]]
     if split is Split.COLUMN:
-        return [torch.cat(list(shards), dim=0)]
+        return [cat(shards)]
     if split is Split.ROW:
-        return [torch.cat(list(shards), dim=1)]
+        return [cat(shards, dim=1)]
     if split is Split.VOCAB:
-        return [torch.cat(list(shards), dim=0)[:ctx.vocab_size]]
+        return [cat(shards)[:ctx.vocab_size]]
     if split is Split.GATE_UP:
         halves = [s.chunk(2, dim=0) for s in shards]
-        return [torch.cat([h[0] for h in halves], dim=0), torch.cat([h[1] for h in halves], dim=0)]
+        return [cat([h[0] for h in halves]), cat([h[1] for h in halves])]
     if split in (Split.QKV, Split.QKV_FUSED):
         g = ctx.geometry(component)
         per = g.num_heads // g.num_query_groups
-        full = torch.cat(list(shards), dim=0)  # groups are contiguous across ranks
+        full = cat(shards)  # groups are contiguous across ranks
         rest = tuple(full.shape[1:])
         grouped = full.reshape((g.num_query_groups, (per + 2) * g.head_dim) + rest)
         q, k, v = grouped.split([per * g.head_dim, g.head_dim, g.head_dim], dim=1)

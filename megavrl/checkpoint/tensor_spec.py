@@ -18,4 +18,4 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.tensor([], dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize

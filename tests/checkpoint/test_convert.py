@@ -414,3 +414,31 @@ def test_output_replaced_only_once_the_new_one_is_complete(tmp_path):
     (tmp / "new.txt").write_text("new")
     _move_into_place(tmp, out)
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["new.txt"]
+
+
+def test_read_ahead_keeps_order_passes_errors_and_stops_with_the_caller():
+    import threading
+
+    from megavrl.checkpoint.convert import _read_ahead
+
+    assert list(_read_ahead(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise KeyError("bad tensor")
+
+    with pytest.raises(KeyError, match="bad tensor"):
+        list(_read_ahead(failing()))
+
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(len(produced))
+            yield produced[-1]
+
+    ahead = _read_ahead(endless(), depth=2)
+    assert [next(ahead) for _ in range(3)] == [0, 1, 2]
+    ahead.close()  # the caller stops (e.g. a write failed): the reader thread ends, bounded ahead
+    assert not any(t.name == "megatron-to-hf-reader" for t in threading.enumerate())
+    assert len(produced) <= 3 + 2 + 1

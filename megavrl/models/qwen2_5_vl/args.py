@@ -181,4 +181,9 @@ class TinyPreset:
 TINY_PRESETS: dict[str, TinyPreset] = {
     "tiny": TinyPreset(),
     "tiny-tied": TinyPreset(tie_word_embeddings=True),
+    # ~30M parameters: wide and deep enough that a CPU step is dominated by matmuls, not per-op
+    # overheads, as it is at real sizes (the benchmarks' default).
+    "small": TinyPreset(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                        num_key_value_heads=2, vision_hidden_size=256, vision_intermediate_size=512,
+                        vision_num_heads=4),
 }
