@@ -61,11 +61,13 @@ parameters; k = 3 (forward + backward) for a part that trains, 1 (forward only) 
 Recomputed activations are not counted (model FLOPs, not hardware FLOPs). peak = ``--peak-tflops``,
 dense bf16: 989 for H100 SXM and for H200 (H100 PCIe: 756).
 
-Usage: python -m bench.bench_actor_step [--preset tiny [small]] [--sequences 8] [--seq-len 512]
+Usage: python -m bench.bench_actor_step [--preset small [tiny]] [--sequences 8] [--seq-len 512]
            [--micro-batch-size 4] [--warmup 1] [--steps 5] [--no-tp2]
        python -m bench.bench_actor_step --gpu [--peak-tflops 989] [--gpu-seq-lens 2048 4096 8192]
            [--gpu-shapes Qwen2.5-VL-3B Qwen2.5-VL-7B] [--gpu-video-share 0.5] [--gpu-frame-size 280 364]
            [--gpu-num-layers 8] [--gpu-vision-depth 8] [--gpu-train-vision] [--results-dir DIR]
+The default preset is ``small`` (~30M parameters): at the 4M ``tiny`` size both sides are bound by
+per-op overheads, which says little about a real model's step.
 Writes bench/results/actor_step.json (other --preset choices: actor_step_<presets>.json; GPU mode:
 actor_step_gpu_mfu[_<shapes>][_text_only].json).
 
@@ -106,24 +108,14 @@ LR = 1e-5
 ADAM = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 CLIP_GRAD = 1.0
 
-# "small": a wider and deeper debug model (about 30M parameters) than the "tiny" preset (4M), so
-# the step is dominated by matmuls rather than per-op overheads, as it is for real sizes.
-SMALL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-             num_key_value_heads=2, mrope_section=(8, 12, 12), vision_hidden_size=256,
-             vision_intermediate_size=512, vision_num_heads=4)
-
-
 # ------------------------------------------------------------------------------------ inputs
 
 
 def make_model(out: Path, preset: str) -> Path:
-    """A random Qwen2.5-VL HF directory: megavrl's "tiny" preset, or "small" (SMALL sizes)."""
+    """A random Qwen2.5-VL HF directory of one of megavrl's debug presets ("tiny": 4M parameters,
+    "small": ~30M, see megavrl.models.qwen2_5_vl.args.TINY_PRESETS)."""
     from megavrl.checkpoint.tiny import make_tiny_model
-    from megavrl.models.qwen2_5_vl.args import TINY_PRESETS, TinyPreset
 
-    if preset == "small" and "small" not in TINY_PRESETS:
-        # make_tiny_model builds only registered presets: register this one for this process.
-        TINY_PRESETS["small"] = TinyPreset(**SMALL)
     return make_tiny_model(out, preset=preset, seed=0, force=True)
 
 
@@ -340,7 +332,7 @@ def bench_cpu(args) -> None:
                                              "cpu_seconds_per_step": tp2["cpu_seconds"],
                                              "tokens_per_cpu_second": tokens / min(tp2["cpu_seconds"])}))
             del hf
-    name = "actor_step" if args.preset == ["tiny"] else "actor_step_" + "_".join(args.preset)
+    name = "actor_step" if args.preset == ["small"] else "actor_step_" + "_".join(args.preset)
     name += "_text_only" if args.fps <= 0 else ""
     name += f"_{args.threads}thread" if args.threads else ""
     write_result(name, figures, config=config)
@@ -544,8 +536,9 @@ def bench_gpu(args) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", nargs="+", default=["tiny"], choices=["tiny", "small"],
-                    help="tiny: megavrl's debug model (4M params); small: wider and deeper (SMALL, ~30M)")
+    ap.add_argument("--preset", nargs="+", default=["small"], choices=["tiny", "small"],
+                    help="small (default): ~30M params, matmul-bound like real sizes; tiny: megavrl's 4M debug "
+                         "model, bound by per-op overheads")
     ap.add_argument("--sequences", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--micro-batch-size", type=int, default=4)
