@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="events start and end on multiples of this many seconds (default 0.5; 0: any frame)")
     s.add_argument("--distractors", type=int, default=None,
                    help="shapes besides the one asked about in mcq/gqa (default: 1 easy, 2 medium, 4 hard)")
+    s.add_argument("--shape-size", type=float, default=None,
+                   help="shape side as a fraction of the frame height, in (0, 1] (default: 0.25 easy, 0.2 medium, "
+                        "0.15 hard); 1 fills the frame: the screen shows one colour while an event lasts")
     s.add_argument("--no-clock", dest="clock", action="store_false",
                    help="keep the background constant (default: it brightens with time, a visible clock)")
     s.add_argument("--val-fraction", type=float, default=0.125, help="share of videos in val.jsonl (default 0.125)")
@@ -62,7 +65,8 @@ def _synth(args: argparse.Namespace) -> int:
         settings = SynthSettings(tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()), n=args.n,
                                  seed=args.seed, difficulty=args.difficulty, fps=args.fps, seconds=args.seconds,
                                  width=width, height=height, val_fraction=args.val_fraction, grid=args.grid,
-                                 clock=args.clock, distractors=args.distractors)
+                                 clock=args.clock, distractors=args.distractors,
+                                 shape_size=args.shape_size)
     except ValueError as exc:
         print(f"megavrl data synth: {exc}", file=sys.stderr)
         return 2

@@ -109,7 +109,7 @@ def plan_events(rng: np.random.Generator, frames: int, width: int, height: int, 
     both rounded to whole steps of ``grid`` frames (at least one step)."""
     count = 1 + level.distractors
     colors = rng.choice(list(COLORS), size=count, replace=False).tolist()
-    size = max(8, int(round(level.size * height)))
+    size = min(max(8, int(round(level.size * height))), width, height)
     directions = list(DIRECTIONS)
     mover_dir = directions[int(rng.integers(len(directions)))]
     others = [d for d in directions if d != mover_dir]
@@ -159,7 +159,7 @@ def render_frames(events: Sequence[Event], frames: int, width: int, height: int,
     """
     background = np.array([24, 24, 28], dtype=np.int16) + rng.integers(-6, 7, size=3).astype(np.int16)
     masks = {}
-    size = max(8, int(round(level.size * height)))
+    size = min(max(8, int(round(level.size * height))), width, height)
     noise_bank = None
     if level.noise > 0:  # a few noise fields reused in turn: much cheaper than fresh noise every frame
         noise_bank = rng.normal(0.0, level.noise, size=(4, height, width, 3)).astype(np.int16)
@@ -277,6 +277,7 @@ class SynthSettings:
     grid: float = 0.5  # event starts and ends fall on multiples of this many seconds (0: any frame)
     clock: bool = True  # the background brightens with time (see render_frames)
     distractors: Optional[int] = None  # shapes besides the mover; None: the difficulty's number
+    shape_size: Optional[float] = None  # shape side as a fraction of the frame height; None: the difficulty's
 
     def __post_init__(self) -> None:
         self.tasks = tuple(self.tasks)
@@ -291,6 +292,8 @@ class SynthSettings:
             raise ValueError(f"size {self.width}x{self.height} must be even and at least 32x32")
         if self.distractors is not None and not 0 <= self.distractors <= len(COLORS) - 1:
             raise ValueError(f"distractors={self.distractors} must be in 0..{len(COLORS) - 1} (one colour each)")
+        if self.shape_size is not None and not 0 < self.shape_size <= 1:
+            raise ValueError(f"shape_size={self.shape_size} must be in (0, 1] (a fraction of the frame height)")
         if not self.grid >= 0:
             raise ValueError(f"grid={self.grid} must be >= 0 seconds (0: events start and end on any frame)")
         if not 0 <= self.val_fraction < 1:
@@ -302,9 +305,11 @@ class SynthSettings:
 
     @property
     def level(self) -> Difficulty:
-        """The difficulty's settings, with ``distractors`` overridden when given."""
+        """The difficulty's settings, with ``distractors`` and ``shape_size`` overridden when given."""
         level = DIFFICULTIES[self.difficulty]
-        return level if self.distractors is None else replace(level, distractors=self.distractors)
+        if self.distractors is not None:
+            level = replace(level, distractors=self.distractors)
+        return level if self.shape_size is None else replace(level, size=self.shape_size)
 
     @property
     def grid_frames(self) -> int:

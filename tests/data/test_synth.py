@@ -96,8 +96,9 @@ def test_inspect_prints_the_plan(videos, capsys):
     assert main(["data", "inspect", "--video", path + ".missing"]) == 1
 
 
-@pytest.mark.parametrize("difficulty", ["easy", "medium", "hard"])
-def test_a_constant_answer_scores_little(difficulty):
+@pytest.mark.parametrize("difficulty,extra", [("easy", {}), ("medium", {}), ("hard", {}),
+                                               ("easy", {"distractors": 0, "shape_size": 1.0})])  # the demo's
+def test_a_constant_answer_scores_little(difficulty, extra):
     # The tasks need the video: the best constant answer (the eval report's blind baseline) on
     # 200 videos of each seed scores mIoU <= 15 on tvg and gqa, a letter 1/4 (balanced by
     # construction), Acc@GQA <= 15. Planning the rows renders nothing, so this is cheap.
@@ -105,7 +106,7 @@ def test_a_constant_answer_scores_little(difficulty):
     from megavrl.eval.blind import blind_baseline
 
     for seed in (0, 1, 2):
-        settings = SynthSettings(n=200, seed=seed, difficulty=difficulty)
+        settings = SynthSettings(n=200, seed=seed, difficulty=difficulty, **extra)
         rows = [row for i in range(settings.n) for row in plan_video(i, settings)[1]]
         blind = {task: blind_baseline(task, [{"ground_truth": r} for r in rows if r["task"] == task])["blind_baseline"]
                  for task in ("tvg", "mcq", "gqa")}
@@ -149,3 +150,22 @@ def test_clock_and_distractor_options(synth_dir, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
     assert [len(r["meta"]["events"]) for r in rows] == [1, 1]
     assert main(["data", "synth", "--out", str(tmp_path / "x"), "--distractors", "8"]) == 2
+
+
+def test_shape_size_option(tmp_path):
+    # --shape-size 1: the shape fills the frame's height, so a third or more of the screen is its
+    # colour while the event lasts, and none before or after it.
+    import decord
+
+    assert main(["data", "synth", "--out", str(tmp_path), "--n", "2", "--tasks", "tvg", "--size", "64x64",
+                 "--shape-size", "1", "--distractors", "0", "--difficulty", "medium", "--val-fraction", "0"]) == 0
+    for row in (json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()):
+        vr = decord.VideoReader(str(tmp_path / row["video"]))
+        frames = vr.get_batch(list(range(len(vr)))).asnumpy().astype(np.int16)
+        target = np.array(COLORS[row["question"].split()[1]], dtype=np.int16)
+        share = (np.abs(frames - target).max(axis=-1) < 40).mean(axis=(1, 2))  # per frame
+        start, end = (round(t * vr.get_avg_fps()) for t in row["timestamps"])
+        assert share[start:end].min() > 0.3 and share[:max(start - 1, 0)].max(initial=0) == 0
+        assert share[end + 1:].max(initial=0) == 0
+    assert main(["data", "synth", "--out", str(tmp_path / "x"), "--shape-size", "0"]) == 2
+    assert main(["data", "synth", "--out", str(tmp_path / "x"), "--shape-size", "1.5"]) == 2
