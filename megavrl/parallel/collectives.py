@@ -10,6 +10,12 @@ from typing import Any, Optional
 import torch
 
 
+def collective_device() -> torch.device:
+    """Where a small tensor for an all-reduce must live: NCCL reduces CUDA tensors only ("No backend
+    type associated with device type cpu"), gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def _group_or_none() -> Optional[Any]:
     dist = torch.distributed
     return dist if dist.is_available() and dist.is_initialized() else None

@@ -21,6 +21,7 @@ import torch
 
 from megavrl.dtypes import resolve_dtype
 from megavrl.log import get_logger
+from megavrl.parallel.collectives import collective_device
 from megavrl.models.qwen2_5_vl.model import MODEL_INPUTS as MODEL_KEYS
 
 log = get_logger(__name__)
@@ -272,8 +273,7 @@ def all_ranks_agree(flag: bool) -> bool:
     """True on every rank when ``flag`` is True on every rank (a MIN all-reduce over the world)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return flag
-    # NCCL reduces CUDA tensors only (a CPU tensor: "No backend type associated with device type cpu").
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    device = collective_device()
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
     return bool(t.item())

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from megavrl.log import get_logger
+from megavrl.parallel.collectives import collective_device
 from megavrl.rl.batch import TrainSequence, collate, split_micro_batches
 from megavrl.rl.packing import computed_tokens, pack
 
@@ -206,7 +207,7 @@ def agree_on_count(count: int) -> int:
     group = ps.get_data_parallel_group()
     if torch.distributed.get_world_size(group) == 1:
         return count
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    device = collective_device()
     t = torch.tensor([count], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
     return int(t.item())

@@ -33,6 +33,7 @@ from contextlib import contextmanager
 import torch
 
 from megavrl.log import get_logger
+from megavrl.parallel.collectives import collective_device
 # Which signals stop a run and its exit status are job-level facts that the launcher reports too.
 from megavrl.parallel.launch import EXIT_INTERRUPTED, STOP_SIGNALS, exit_code_for  # noqa: F401 (re-exported)
 
@@ -120,8 +121,7 @@ class PreemptionHandler:
 
     def should_stop(self) -> bool:
         """True on every rank if any rank received a signal (collective when distributed)."""
-        # NCCL reduces CUDA tensors only (a CPU tensor: "No backend type associated with device type cpu").
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        device = collective_device()
         flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32, device=device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
