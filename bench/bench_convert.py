@@ -8,7 +8,11 @@ from a parent that has imported everything (peak RSS = the child's VmHWM, reset 
   baseline "naive": build the Megatron model, ``load_hf_weights``, ``dist_checkpointing.save``
   with Megatron's default writer (the whole model in memory, plus the writer's copy).
 - megatron->hf: ``convert_megatron_to_hf`` to bf16 safetensors (5 GB shards);
-  baseline "transformers": ``from_pretrained`` + ``save_pretrained`` of the same model (HF -> HF).
+  baseline "transformers": ``from_pretrained`` + ``save_pretrained`` of the same model (HF -> HF);
+  and the same followed by an ``fsync`` of every file it wrote: megavrl's export returns only when
+  its files are on disk (synced, then renamed into place, so a crash never leaves a half-written
+  model), ``save_pretrained`` when they are in the page cache. The second is the like-for-like
+  comparison; the first shows what the durability costs.
 Per size and path it prints checkpoint MB, seconds, MB/s, peak RSS, peak RSS above the process's
 RSS when it starts ("growth"), and growth / largest tensor, and checks that the conversions are
 bit-exact (bf16 all the way). The claim is that megavrl's growth stays a small multiple of the
@@ -113,6 +117,14 @@ def _run(method: str, src: Path, dst: Path) -> None:
 
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(src, dtype=torch.bfloat16)
         model.save_pretrained(dst, max_shard_size="5GB")
+    elif method == "hf_resave_sync":  # the same, then on disk, as megavrl's export is when it returns
+        _run("hf_resave", src, dst)
+        for path in [*Path(dst).iterdir(), Path(dst)]:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     else:
         raise ValueError(method)
 
@@ -203,7 +215,8 @@ def main(argv=None) -> None:
             print(f"built hidden {hidden} checkpoint in {time.perf_counter() - t0:.0f} s", flush=True)
             methods = [("h2m", "hf", "ckpt"), ("m2h", "ckpt", "hf_out")]
             if not args.no_baseline:
-                methods += [("naive_h2m", "hf", "naive_ckpt"), ("hf_resave", "hf", "hf_resave")]
+                methods += [("naive_h2m", "hf", "naive_ckpt"), ("hf_resave", "hf", "hf_resave"),
+                            ("hf_resave_sync", "hf", "hf_resave_sync")]
             runs = {}
             for repeat in range(args.repeats):  # interleaved: each method sees the same page-cache weather
                 for method, src, dst in methods:
@@ -226,7 +239,7 @@ def main(argv=None) -> None:
                   f"{info['largest_tensor']} {info['largest_bytes'] / 1e6:.0f} MB, round trip bit-exact: {exact}",
                   flush=True)
             for name, r in runs.items():
-                print(f"  {name:10s} {r['seconds']:6.1f} s {r['mb_per_s']:7.1f} MB/s  peak RSS "
+                print(f"  {name:14s} {r['seconds']:6.1f} s {r['mb_per_s']:7.1f} MB/s  peak RSS "
                       f"{r['peak_rss'] / 1e6:7.0f} MB  growth {r['growth'] / 1e6:7.0f} MB "
                       f"= {r['growth_per_largest']:5.2f} x largest tensor", flush=True)
 
@@ -249,6 +262,11 @@ def main(argv=None) -> None:
             f"{label} throughput, hidden {big['hidden']}", b[ours]["mb_per_s"],
             b[base_name]["mb_per_s"] if has_base else float("nan"), "MB/s", higher_is_better=True,
             baseline_name=figures[-1].baseline_name))
+        if ours == "m2h" and "hf_resave_sync" in b:
+            figures.append(Figure(
+                f"{label} throughput, hidden {big['hidden']}, both on disk when they return", b[ours]["mb_per_s"],
+                b["hf_resave_sync"]["mb_per_s"], "MB/s", higher_is_better=True,
+                baseline_name="transformers from_pretrained+save_pretrained, then fsync of its files"))
     growth_ratio = big["runs"]["h2m"]["growth"] / max(small["runs"]["h2m"]["growth"], 1)
     print(f"model {big['bytes'] / small['bytes']:.1f}x larger, hf->megatron memory growth {growth_ratio:.1f}x, "
           f"largest tensor {big['largest_bytes'] / small['largest_bytes']:.1f}x; "

@@ -193,7 +193,8 @@ class RolloutEngine:
             "mm_processor_kwargs"}`` as ``megavrl.rollout.inputs.vllm_prompt`` returns it.
         overrides: sampling fields of ``RolloutConfig`` for this call (n, temperature, top_p, top_k,
             max_new_tokens, ignore_eos, stop, stop_token_ids, logprobs), e.g. greedy evaluation
-            with ``n=1, temperature=0``.
+            with ``n=1, temperature=0``. ``max_new_tokens`` may also be one budget per prompt
+            (e.g. each task its own).
         seed: makes this call reproducible on its own: prompt i samples with seed ``seed + i`` (so
             two copies of a prompt still get different responses), or with ``seed[i]`` given one
             seed per prompt (a prompt then samples the same whatever else is in the call, up to
@@ -208,15 +209,28 @@ class RolloutEngine:
         vllm_prompts = [to_vllm_prompt(p, i, pixel_multiple=self.pixel_multiple, mm_processor_kwargs=self._mm_kwargs,
                                        video_token_id=self._video_token_id, image_token_id=self._image_token_id)
                         for i, p in enumerate(items)]
-        if seed is None:
+        budgets = overrides.pop("max_new_tokens", None)
+        if budgets is None or isinstance(budgets, int):
+            overrides["max_new_tokens"] = budgets
+            budgets = None
+        elif len(budgets) != len(items):
+            raise ValueError(f"{len(budgets)} max_new_tokens for {len(items)} prompts")
+        if seed is None and budgets is None:
             params = self.sampling_params(**overrides)
         else:
-            seeds = [seed + i for i in range(len(items))] if isinstance(seed, int) else [int(x) for x in seed]
+            if seed is None:
+                seeds = [None] * len(items)
+            elif isinstance(seed, int):
+                seeds = [seed + i for i in range(len(items))]
+            else:
+                seeds = [int(x) for x in seed]
             if len(seeds) != len(items):
                 raise ValueError(f"{len(seeds)} seeds for {len(items)} prompts")
-            params = [self.sampling_params(seed=s, **overrides) for s in seeds]
+            params = [self.sampling_params(seed=s, **overrides) if budgets is None else
+                      self.sampling_params(seed=s, **{**overrides, "max_new_tokens": int(budgets[i])})
+                      for i, s in enumerate(seeds)]
         outputs = self.llm.generate(vllm_prompts, params, use_tqdm=use_tqdm)
-        with_logprobs = (params if seed is None else params[0]).logprobs is not None
+        with_logprobs = (params[0] if isinstance(params, list) else params).logprobs is not None
         return [group_from_request_output(out, i, item, with_logprobs)
                 for i, (out, item) in enumerate(zip(outputs, items))]
 

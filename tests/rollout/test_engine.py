@@ -83,6 +83,14 @@ def test_text_and_image_prompts(rollout_engine, tiny_hf_dir):
     assert image_group.prompt_token_ids.count(processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")) == 4 * 6 // 4
 
 
+def test_max_new_tokens_per_prompt(rollout_engine):
+    text = "<|im_start|>user\nwhat is the answer<|im_end|>\n<|im_start|>assistant\n"
+    groups = rollout_engine.generate([text, text, text], n=2, max_new_tokens=[3, 1, 5], ignore_eos=True)
+    assert [[len(s.token_ids) for s in g.samples] for g in groups] == [[3, 3], [1, 1], [5, 5]]
+    with pytest.raises(ValueError, match="2 max_new_tokens for 3 prompts"):
+        rollout_engine.generate([text, text, text], max_new_tokens=[3, 1])
+
+
 def test_greedy_overrides_and_sleep_is_a_noop_on_cpu(rollout_engine, test_video):
     prompt = RolloutPrompt(prompt=video_prompt("what happens"), videos=[test_video])
     first = rollout_engine.generate([prompt], n=1, temperature=0.0, max_new_tokens=8, ignore_eos=True)[0]
