@@ -252,6 +252,12 @@ def validate(cfg: Config, world_size: int | None = None, check_paths: bool = Tru
     check_positive("trainer.micro_batch_size", cfg.trainer.micro_batch_size)
     check_positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
     validate_lengths(cfg)
+    rollout = cfg.rollout
+    if cfg.algorithm.name == "grpo" and rollout.vllm_logprobs_mode() == "raw_logprobs" \
+            and rollout.scoring_temperature != 1.0:
+        raise ConfigError(f"rollout.logprobs_mode=raw_logprobs returns vLLM's log-probs at temperature 1, but GRPO "
+                          f"scores the responses at rollout.temperature={rollout.temperature}, the temperature they "
+                          f"were sampled at: set rollout.logprobs_mode=auto (or processed_logprobs)")
     if cfg.checkpoint.resume not in ("auto", "none") and check_paths and not Path(cfg.checkpoint.resume).exists():
         raise ConfigError(f"checkpoint.resume={cfg.checkpoint.resume!r} does not exist: give an existing "
                           f"checkpoint directory, 'auto' or 'none'")

@@ -189,3 +189,22 @@ def test_unreadable_or_directory_config_file_is_named(tmp_path):
 def test_a_removed_field_is_refused_with_the_reason():
     with pytest.raises(ConfigError, match=r"'parallel.sequence_parallel' was removed: it never took effect.*delete"):
         load_config([], ["parallel.sequence_parallel=true"])
+
+
+def test_rollout_log_probs_follow_the_sampling_temperature():
+    # GRPO scores responses under softmax(logits / T), the distribution vLLM sampled them from; the
+    # rollout's own log-probs (token_mult_prob_error, TIS) must be of the same distribution.
+    def rollout(*overrides):
+        return validate(load_config([], list(overrides)), check_paths=False).rollout
+
+    assert rollout().vllm_logprobs_mode() == "raw_logprobs"  # temperature 1
+    assert rollout("rollout.temperature=0").vllm_logprobs_mode() == "raw_logprobs"
+    assert rollout("rollout.temperature=0").scoring_temperature == 1.0
+    hot = rollout("rollout.temperature=0.7")
+    assert hot.vllm_logprobs_mode() == "processed_logprobs" and hot.scoring_temperature == 0.7
+    with pytest.raises(ConfigError, match=r"rollout.logprobs_mode=raw_logprobs .* rollout.temperature=0.7.*"
+                                          r"set rollout.logprobs_mode=auto"):
+        rollout("rollout.temperature=0.7", "rollout.logprobs_mode=raw_logprobs")
+    rollout("rollout.temperature=0.7", "rollout.logprobs_mode=raw_logprobs", "algorithm.name=sft")  # no GRPO
+    with pytest.raises(ConfigError, match="logprobs_mode='raw'"):
+        rollout("rollout.logprobs_mode=raw")

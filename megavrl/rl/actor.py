@@ -50,7 +50,8 @@ class MegatronActor:
     def __init__(self, hf_dir: str, tp: int, pp: int, *, dtype: str = "auto", trainable: bool = True,
                  freeze_vision: bool = False, freeze_projector: bool = False, recompute: bool = False,
                  optimizer_config=None, total_steps: int = 1, use_distributed_optimizer: bool = False,
-                 megatron_ckpt: str | None = None, rope_convention: str = "qwen", random_init: bool = False):
+                 megatron_ckpt: str | None = None, rope_convention: str = "qwen", random_init: bool = False,
+                 temperature: float = 1.0):
         from megavrl.checkpoint.hf_io import load_hf_weights
         from megavrl.checkpoint.mapping import mapping_context
         from megavrl.models.qwen2_5_vl.config import build_configs
@@ -61,6 +62,9 @@ class MegatronActor:
         self.configs = build_configs(hf_dir, tp=tp, pp=pp, params_dtype=resolve_dtype(dtype),
                                      language_overrides=overrides)
         self.trainable = trainable
+        # Log-probs are of softmax(logits / temperature): GRPO's must be of the distribution the
+        # rollout sampled from, or the ratio and the KL describe another policy than the samples'.
+        self.temperature = temperature
         # M-RoPE positions must follow the rollout engine's convention ("qwen", as vLLM), or the
         # trainer would score the sampled tokens at other positions than vLLM sampled them.
         self.model = Qwen2_5_VLModel(self.configs, freeze_vision=freeze_vision or not trainable,
@@ -104,7 +108,7 @@ class MegatronActor:
         from megavrl.rl.packing import is_packed, unpack
 
         logprobs, entropy = token_logprobs(logits, batch["labels"], vocab_size=self.configs.vocab_size,
-                                           with_entropy=True)
+                                           temperature=self.temperature, with_entropy=True)
         if is_packed(batch):
             logprobs, entropy = unpack(logprobs, batch["unpack_index"]), unpack(entropy, batch["unpack_index"])
         return logprobs, entropy

@@ -45,12 +45,21 @@ def score_groups(groups, prepared: list, reward_config) -> list[list]:
             for g, p in zip(groups, prepared)]
 
 
-def sample(engine, prepared: list, seeds: list[int]) -> list:
+def sample(engine, prepared: list, seeds: list[int], rollout_config=None) -> list:
     """Roll out every prepared prompt (``rollout.n`` responses each) with its own sampling seed:
-    one RolloutGroup per prompt."""
+    one RolloutGroup per prompt. rollout_config: sample as it says (n, temperature, top-p/k, lengths,
+    stops), whatever config the engine was started with; None: as the engine's."""
     from megavrl.rollout.inputs import rollout_prompt
 
-    return engine.generate([rollout_prompt(p, i) for i, p in enumerate(prepared)], seed=seeds)
+    overrides = {} if rollout_config is None else sampling_of(rollout_config)
+    return engine.generate([rollout_prompt(p, i) for i, p in enumerate(prepared)], seed=seeds, **overrides)
+
+
+def sampling_of(rollout_config) -> dict:
+    """The per-call sampling fields of a RolloutConfig (what ``RolloutEngine.generate`` takes)."""
+    from megavrl.rollout.engine import SAMPLING_FIELDS
+
+    return {name: getattr(rollout_config, name) for name in SAMPLING_FIELDS if name != "logprobs"}
 
 
 def keep_informative(groups: list, prepared: list, rewards: list[list], n_prompts: int,

@@ -138,7 +138,9 @@ class Trainer:
             (out / "config.yaml").write_text(dump_yaml(cfg))
         t0 = time.perf_counter()
         convention = cfg.data.prompt.rope_convention
-        common = dict(dtype=cfg.model.dtype, rope_convention=convention)
+        # GRPO scores responses under the distribution vLLM sampled them from; SFT's cross-entropy at 1.
+        temperature = cfg.rollout.scoring_temperature if self.grpo else 1.0
+        common = dict(dtype=cfg.model.dtype, rope_convention=convention, temperature=temperature)
         self.actor = MegatronActor(
             cfg.model.hf_dir, cfg.parallel.tp, cfg.parallel.pp, trainable=True,
             freeze_vision=cfg.model.freeze_vision, freeze_projector=cfg.model.freeze_projector,
@@ -170,6 +172,10 @@ class Trainer:
         # Seeded after everything is built (starting vLLM or building models draws random numbers),
         # so the training stream depends only on the seed, or on the checkpoint when resuming.
         seed_everything(cfg.trainer.seed)
+        if engine is not None and engine.config.vllm_logprobs_mode() != cfg.rollout.vllm_logprobs_mode():
+            raise ValueError(f"the rollout engine given returns {engine.config.vllm_logprobs_mode()}, this run needs "
+                             f"{cfg.rollout.vllm_logprobs_mode()} (rollout.temperature={cfg.rollout.temperature}): "
+                             "start one with this run's rollout config")
         reused_engine = broadcast_object(engine is not None)
         resumed = self._resume()
         if not resumed and (reused_engine or cfg.model.megatron_ckpt):
@@ -512,7 +518,7 @@ class Trainer:
         prepared = self._next_prompts(n_prompts + (refills or 0))
         base = sampling_seed(cfg.trainer.seed, self.step)
         groups = sample(self.engine, prepared, seeds=[base + j * place.engines + place.engine_index
-                                                      for j in range(len(prepared))])
+                                                      for j in range(len(prepared))], rollout_config=cfg.rollout)
         rewards = score_groups(groups, prepared, cfg.reward)
         share = EngineShare(tasks=[p.sample.task for p in prepared[:n_prompts]], rewards=rewards[:n_prompts])
         kept, share.filter_counts = keep_informative(groups, prepared, rewards, n_prompts, refills)

@@ -10,9 +10,11 @@ class RolloutConfig:
     """Everything the rollout engine is started and samples with.
 
     Sampling: ``n`` responses per prompt of at most ``max_new_tokens`` tokens each.
-    ``logprobs`` returns the log-probability of every sampled token; with the default
-    ``logprobs_mode="raw_logprobs"`` it is log_softmax of the raw logits, i.e. temperature 1.0
-    and before top-p/top-k, which is what the trainer recomputes.
+    ``logprobs`` returns the log-probability of every sampled token under the distribution the
+    trainer recomputes: log_softmax(logits / temperature). ``logprobs_mode`` "auto" (default) asks
+    vLLM for that: its ``raw_logprobs`` (log_softmax of the raw logits) at temperature 1 or 0, its
+    ``processed_logprobs`` (after the temperature; and after top-p/top-k, which the trainer does
+    not apply) at any other temperature.
     Engines: ``engines`` rollout engines in the training job: "auto" (one per data-parallel replica)
     or a number that divides the data-parallel size ("1": one engine on global rank 0); see
     :mod:`megavrl.rl.placement`. ``megavrl eval`` / ``select`` start that many engine processes
@@ -40,7 +42,7 @@ class RolloutConfig:
     top_k: int = 0  # 0: off
     max_new_tokens: int = 512
     logprobs: bool = True
-    logprobs_mode: str = "raw_logprobs"
+    logprobs_mode: str = "auto"
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -83,12 +85,23 @@ class RolloutConfig:
             raise ValueError(f"temperature={self.temperature} must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
-        if self.logprobs_mode not in ("raw_logprobs", "processed_logprobs"):
-            raise ValueError(f"logprobs_mode={self.logprobs_mode!r}: use 'raw_logprobs' (temperature 1.0, what "
-                             "the trainer recomputes) or 'processed_logprobs'")
+        if self.logprobs_mode not in ("auto", "raw_logprobs", "processed_logprobs"):
+            raise ValueError(f"logprobs_mode={self.logprobs_mode!r}: use 'auto' (the trainer's distribution at "
+                             "this temperature), 'raw_logprobs' (temperature 1) or 'processed_logprobs'")
         if self.sleep_level not in (1, 2):
             raise ValueError(f"sleep_level={self.sleep_level}: 1 keeps weights in CPU memory, 2 drops them")
         if self.weight_sync_bucket_mb <= 0:
             raise ValueError(f"weight_sync_bucket_mb={self.weight_sync_bucket_mb} must be > 0")
         if self.weight_sync_transport not in ("auto", "shm", "cuda_ipc"):
             raise ValueError(f"weight_sync_transport={self.weight_sync_transport!r}: use auto, shm or cuda_ipc")
+
+    @property
+    def scoring_temperature(self) -> float:
+        """The temperature GRPO scores responses at: the sampling one (1 for greedy, temperature 0)."""
+        return self.temperature if self.temperature > 0 else 1.0
+
+    def vllm_logprobs_mode(self) -> str:
+        """vLLM's ``logprobs_mode`` for this config ("auto" resolved, see the class docstring)."""
+        if self.logprobs_mode != "auto":
+            return self.logprobs_mode
+        return "raw_logprobs" if self.scoring_temperature == 1.0 else "processed_logprobs"

@@ -42,7 +42,7 @@ from megavrl.rollout.worker_extension import WORKER_EXTENSION
 
 log = get_logger(__name__)
 
-_SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "max_new_tokens", "ignore_eos", "stop",
+SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "max_new_tokens", "ignore_eos", "stop",
                     "stop_token_ids", "logprobs")
 
 
@@ -96,7 +96,7 @@ class RolloutEngine:
             max_model_len=config.max_model_len,
             enforce_eager=self.on_cpu if config.enforce_eager is None else config.enforce_eager,
             enable_prefix_caching=config.enable_prefix_caching,
-            logprobs_mode=config.logprobs_mode,
+            logprobs_mode=config.vllm_logprobs_mode(),
             max_logprobs=0,  # only the sampled token's log-probability is ever requested
             limit_mm_per_prompt={"video": config.max_videos_per_prompt, "image": config.max_images_per_prompt},
             worker_extension_cls=WORKER_EXTENSION,
@@ -172,10 +172,10 @@ class RolloutEngine:
         """
         from vllm import SamplingParams
 
-        unknown = set(overrides) - set(_SAMPLING_FIELDS)
+        unknown = set(overrides) - set(SAMPLING_FIELDS)
         if unknown:
             raise ValueError(f"cannot override {sorted(unknown)} per call; sampling fields are "
-                             f"{('seed',) + _SAMPLING_FIELDS}")
+                             f"{('seed',) + SAMPLING_FIELDS}")
         c = dataclasses.replace(self.config, **{k: v for k, v in overrides.items() if v is not None})
         return SamplingParams(n=c.n, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
                               max_tokens=c.max_new_tokens, logprobs=0 if c.logprobs else None,

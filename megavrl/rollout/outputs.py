@@ -11,9 +11,10 @@ class RolloutSample:
     """One sampled response.
 
     token_ids: the response tokens, [L].
-    logprobs: log-probability (nats) of each sampled token under the model at temperature 1.0,
-        before any sampling processor (vLLM ``logprobs_mode="raw_logprobs"``), [L]; empty when
-        the engine was asked for no log-probabilities.
+    logprobs: log-probability (nats) of each sampled token under softmax(logits / temperature),
+        the distribution it was sampled from (``RolloutConfig.logprobs_mode`` "auto"; vLLM's raw
+        log-probs, temperature 1, with ``raw_logprobs``), [L]; empty when the engine was asked for
+        no log-probabilities.
     finish_reason: "stop" (EOS or a stop string/token), "length" (hit max_new_tokens) or "abort".
     stop_reason: the stop token id or string that ended it, None for EOS or length.
     """

@@ -45,6 +45,9 @@ def config(workdir: Path, hf_dir: str, data_dir: str, name: str, **over):
         f"model.hf_dir={hf_dir}", "model.dtype=float32",
         f"data.train=[{{json_path: {data_dir}/train.jsonl, data_folder: {data_dir}}}]", "data.val=[]",
         "data.video.fps=1.0", "data.video.min_pixels=3136", "data.video.max_pixels=25088", "data.num_workers=1",
+        # Sampling at 0.7, not 1: every run's token_mult_prob_error then also checks that the trainer
+        # scores at the sampling temperature and that vLLM returns log-probs at it.
+        "rollout.temperature=0.7",
         "rollout.n=4", "rollout.max_new_tokens=12", "rollout.dtype=float32", "rollout.cpu_kv_cache_mb=128",
         "rollout.max_model_len=1024",
         "algorithm.kl_coef=0.01", "optimizer.lr=2e-3", "optimizer.weight_decay=0.0",
