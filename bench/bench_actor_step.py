@@ -15,7 +15,9 @@ sequences instead (the language model alone; results in actor_step_text_only.jso
   same micro-batches with gradient accumulation, ``clip_grad_norm_`` and ``torch.optim.AdamW``
   with the same lr, betas, eps and weight decay.
 
-The two sides are timed in alternating rounds in one process (the machine is shared: load
+Both sides keep freed memory in the process instead of handing it back to the kernel
+(``bench.common.keep_freed_memory``): page faults otherwise cost the Megatron side about 7 % at 1
+thread and transformers less. The two sides are timed in alternating rounds in one process (the machine is shared: load
 changes hit both alike), after ``--warmup`` untimed steps each; the best of ``--steps`` rounds
 counts; the median and the CPU seconds per step (all threads; tokens_per_cpu_second) are kept in
 the notes. On a busy shared machine ``--threads 1`` gives by far the steadiest comparison
@@ -99,7 +101,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import Figure, write_result
+from bench.common import Figure, keep_freed_memory, write_result
 from megavrl.checks.gpu import GPU_SHAPES, PUBLISHED_SHAPES, first_special_id, gpu_model_config
 from megavrl.models.qwen2_5_vl.flops import (FLOPS_FORMULA, actor_step_flops, lm_matmul_params,
                                              vision_encoder_params)
@@ -586,6 +588,7 @@ def main(argv=None) -> None:
     elif args.gpu or torch.cuda.is_available():
         bench_gpu(args)
     else:
+        keep_freed_memory()  # both sides, and the TP=2 workers (through the environment)
         bench_cpu(args)
 
 

@@ -165,6 +165,13 @@ def measure(method: str, src: Path, dst: Path) -> dict:
             result, code = {"error": f"{type(e).__name__}: {e}"}, 1
         os.write(write_fd, json.dumps(result).encode())
         os.close(write_fd)
+        # os._exit skips multiprocessing's exit handler, which would stop the worker processes a
+        # conversion started (Megatron's checkpoint I/O): stop them here, or they outlive the bench.
+        import multiprocessing
+
+        for child in multiprocessing.active_children():
+            child.terminate()
+            child.join(timeout=10)
         os._exit(code)
     os.close(write_fd)
     with os.fdopen(read_fd) as f:

@@ -166,6 +166,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--results-name", help="result file name (default packing, packing_tiny with --preset tiny)")
     args = ap.parse_args(argv)
     keep_freed_memory()
     if args.threads:
@@ -185,7 +186,7 @@ def main(argv=None) -> None:
         tok = AutoTokenizer.from_pretrained(str(hf_dir))
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         figures = [measure(actor, hf_dir, Path(tmp) / "data", args, lengths, pad) for lengths in args.lengths]
-    name = "packing" if args.preset == "small" else f"packing_{args.preset}"
+    name = args.results_name or ("packing" if args.preset == "small" else f"packing_{args.preset}")
     write_result(name, figures, config={k: v for k, v in vars(args).items()})
 
 
