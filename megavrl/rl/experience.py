@@ -51,15 +51,8 @@ def sample(engine, prepared: list, seeds: list[int], rollout_config=None) -> lis
     stops), whatever config the engine was started with; None: as the engine's."""
     from megavrl.rollout.inputs import rollout_prompt
 
-    overrides = {} if rollout_config is None else sampling_of(rollout_config)
+    overrides = {} if rollout_config is None else rollout_config.sampling()
     return engine.generate([rollout_prompt(p, i) for i, p in enumerate(prepared)], seed=seeds, **overrides)
-
-
-def sampling_of(rollout_config) -> dict:
-    """The per-call sampling fields of a RolloutConfig (what ``RolloutEngine.generate`` takes)."""
-    from megavrl.rollout.engine import SAMPLING_FIELDS
-
-    return {name: getattr(rollout_config, name) for name in SAMPLING_FIELDS if name != "logprobs"}
 
 
 def keep_informative(groups: list, prepared: list, rewards: list[list], n_prompts: int,

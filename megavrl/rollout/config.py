@@ -5,6 +5,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+# The fields of RolloutConfig that a RolloutEngine.generate call may override.
+SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "max_new_tokens", "ignore_eos", "stop",
+                   "stop_token_ids", "logprobs")
+
+
 @dataclass
 class RolloutConfig:
     """Everything the rollout engine is started and samples with.
@@ -105,3 +110,8 @@ class RolloutConfig:
         if self.logprobs_mode != "auto":
             return self.logprobs_mode
         return "raw_logprobs" if self.scoring_temperature == 1.0 else "processed_logprobs"
+
+    def sampling(self) -> dict[str, Any]:
+        """This config's sampling fields, as ``RolloutEngine.generate`` overrides: sample as it says
+        with an engine started from another config."""
+        return {name: getattr(self, name) for name in SAMPLING_FIELDS}

@@ -34,17 +34,13 @@ from typing import Any
 import torch
 
 from megavrl.log import get_logger
-from megavrl.rollout.config import RolloutConfig
+from megavrl.rollout.config import SAMPLING_FIELDS, RolloutConfig
 from megavrl.rollout.inputs import RolloutPrompt, as_rollout_prompt, to_vllm_prompt
 from megavrl.rollout.outputs import RolloutGroup, group_from_request_output
 from megavrl.rollout.weight_sync import SyncStats, push_weights
 from megavrl.rollout.worker_extension import WORKER_EXTENSION
 
 log = get_logger(__name__)
-
-SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "max_new_tokens", "ignore_eos", "stop",
-                    "stop_token_ids", "logprobs")
-
 
 def cpu_core_share(local_rank: int | None = None, local_world_size: int | None = None,
                    cpus: list[int] | None = None) -> str | None:
@@ -209,13 +205,13 @@ class RolloutEngine:
         vllm_prompts = [to_vllm_prompt(p, i, pixel_multiple=self.pixel_multiple, mm_processor_kwargs=self._mm_kwargs,
                                        video_token_id=self._video_token_id, image_token_id=self._image_token_id)
                         for i, p in enumerate(items)]
-        budgets = overrides.pop("max_new_tokens", None)
-        if budgets is None or isinstance(budgets, int):
-            overrides["max_new_tokens"] = budgets
-            budgets = None
-        elif len(budgets) != len(items):
-            raise ValueError(f"{len(budgets)} max_new_tokens for {len(items)} prompts")
-        if seed is None and budgets is None:
+        budgets = overrides.get("max_new_tokens")
+        per_prompt = [{}] * len(items)
+        if isinstance(budgets, Sequence):
+            if len(budgets) != len(items):
+                raise ValueError(f"{len(budgets)} max_new_tokens for {len(items)} prompts")
+            per_prompt = [{"max_new_tokens": int(b)} for b in budgets]
+        if seed is None and not isinstance(budgets, Sequence):
             params = self.sampling_params(**overrides)
         else:
             if seed is None:
@@ -226,9 +222,7 @@ class RolloutEngine:
                 seeds = [int(x) for x in seed]
             if len(seeds) != len(items):
                 raise ValueError(f"{len(seeds)} seeds for {len(items)} prompts")
-            params = [self.sampling_params(seed=s, **overrides) if budgets is None else
-                      self.sampling_params(seed=s, **{**overrides, "max_new_tokens": int(budgets[i])})
-                      for i, s in enumerate(seeds)]
+            params = [self.sampling_params(seed=s, **{**overrides, **own}) for s, own in zip(seeds, per_prompt)]
         outputs = self.llm.generate(vllm_prompts, params, use_tqdm=use_tqdm)
         with_logprobs = (params[0] if isinstance(params, list) else params).logprobs is not None
         return [group_from_request_output(out, i, item, with_logprobs)
