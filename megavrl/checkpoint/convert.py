@@ -273,7 +273,6 @@ def convert_hf_to_megatron(hf_dir: str | os.PathLike, out: str | os.PathLike, tp
     not match config.json. Returns the checkpoint path.
     """
     from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
     from megavrl.checkpoint.dist_io import StreamingSaveStrategy
