@@ -6,8 +6,9 @@ gradient; keeping the rows whose rewards vary most trains as well as the full da
 than a random subset of the same size.
 
 Steps (each a ``megavrl`` subprocess; see bench/cli_runs.py):
-  1. warm start, cached and shared with bench_reward_curve: a tiny random Qwen2.5-VL, synthetic
-     grounding videos (train.jsonl, and val.jsonl for evaluation), 80 SFT steps exported to HF;
+  1. warm start, cached and shared with bench_reward_curve: the demo's (examples/demo.sh) tiny
+     random Qwen2.5-VL, synthetic grounding videos (504 rows in train.jsonl, 72 in val.jsonl for
+     evaluation; one frame-filling event per video) and 300 SFT steps exported to HF;
   2. ``megavrl select`` with the SFT model: k rollouts per training row (temperature 1), keep the
      ``--top-fraction`` of rows with the highest reward variance (rows whose k rewards are all
      equal are dropped first) -> the selected subset, M rows;
@@ -15,7 +16,7 @@ Steps (each a ``megavrl`` subprocess; see bench/cli_runs.py):
   4. one GRPO run per (subset, seed) from the SFT model, identical but for ``data.train``: same
      steps, prompts per step, learning rate, trainer seed and data seed; greedy evaluation on
      val.jsonl before training, every ``--eval-every`` steps and at the end (``megavrl eval``'s
-     lmms-eval mIoU);
+     lmms-eval mIoU, beside its blind baseline: the best constant span's mIoU on val.jsonl);
   5. the expected val reward of the SFT model and of each run's final model: ``--eval-k`` sampled
      responses (temperature 1) per val row, scored with the training reward (format + IoU), mean
      over rows (``megavrl select`` does the sampling and scoring). Greedy answers of a tiny model
@@ -44,20 +45,21 @@ Writes (--full: data_efficiency_full.*)
     selection summary, wall time.
 
 With the grounding reward (format + continuous IoU) a row whose k rewards are all equal is rare
-(none of the 48 rows at k=4 after the warm start, 2026-11-21), so the selection acts through the
+(none of the earlier tasks' 48 rows at k=4 after the warm start, 2026-11-21), so the selection acts through the
 size of the spread, not by dropping dead rows; with a discrete reward (multiple choice) the
 all-equal rows are common and the informative-group share is the figure to watch.
 
 Modes
-  --quick (default): 1 seed, 8 GRPO steps (lr 1e-4, 4 prompts x n=4), k=4, top half of 48 rows,
-                     greedy evaluation on 16 val rows at steps 0, 4 and 8, expected val
-                     reward from 8 samples per val row: about 10 minutes on 2 CPU cores (1.5 more
-                     when the warm start is not cached). One seed: a smoke test of the pipeline
-                     and a first look; use --full for the claim.
-  --full:            3 seeds, 20 GRPO steps (lr 5e-5), k=8, eval every 5 steps; figures are means
-                     over seeds: about 40 minutes on 2 CPU cores.
-  Every setting can be overridden (--seeds, --steps, --k, --top-fraction, --lr, ...); extra
-  ``key=value`` arguments after ``--`` go to every GRPO run.
+  --quick (default): 1 seed, 8 GRPO steps, k=4, the top half of the 504 training rows, greedy
+                     evaluation on the 72 val rows at steps 0, 4 and 8, expected val reward from 8
+                     samples per val row: about 15 minutes on 2 CPU cores (5 more when the warm
+                     start is not cached). One seed: a smoke test of the pipeline and a first
+                     look; use --full for the claim.
+  --full:            3 seeds, 20 GRPO steps, k=8, eval every 5 steps; figures are means over
+                     seeds: about 40 minutes on one CPU core.
+  The GRPO learning rate, n and prompts per step default to the demo's
+  (examples/configs/tiny_cpu_tvg.yaml). Every setting can be overridden (--seeds, --steps, --k,
+  --top-fraction, --lr, ...); extra ``key=value`` arguments after ``--`` go to every GRPO run.
 
 Usage: python -m bench.bench_data_efficiency [--quick | --full] [--seeds N] [--steps N] [-- key=value ...]
 """
@@ -74,14 +76,18 @@ from pathlib import Path
 from bench.cli_runs import (CONFIG, ROOT, WarmStart, apply_mode, dataset_override, megavrl, mode_parser,
                             read_metrics, train, warm_start)
 from bench.common import RESULTS, Figure, write_result
+from megavrl.config import load_config
 
+DEMO = load_config(CONFIG)
+"""examples/configs/tiny_cpu_tvg.yaml: the demo's GRPO settings, this benchmark's defaults."""
 MODES = {
-    "quick": dict(seeds=1, steps=8, eval_every=4, k=4, lr=1e-4),
-    "full": dict(seeds=3, steps=20, eval_every=5, k=8, lr=5e-5),
+    "quick": dict(seeds=1, steps=8, eval_every=4, k=4),
+    "full": dict(seeds=3, steps=20, eval_every=5, k=8),
 }
 SUBSETS = ("selected", "random", "full")
 EVAL_KEY = "eval/synth_val/tvg/mIoU"
 FORMAT_KEY = "eval/synth_val/tvg/format_rate"
+BLIND_KEY = "eval/synth_val/tvg/blind/mIoU"
 
 
 def select(out: Path, hf_dir: Path, jsonl: Path, data: Path, k: int, seed: int, top_fraction: float | None = None
@@ -122,7 +128,8 @@ def curves_of(metrics: Path) -> dict:
                                "group_std": rec["reward/group_std"],
                                "zero_variance_groups": rec["advantage/zero_variance_groups"]})
         if EVAL_KEY in rec:
-            eval_rows.append({"step": rec["step"], "miou": rec[EVAL_KEY], "format_rate": rec.get(FORMAT_KEY)})
+            eval_rows.append({"step": rec["step"], "miou": rec[EVAL_KEY], "format_rate": rec.get(FORMAT_KEY),
+                              "blind_miou": rec.get(BLIND_KEY)})
     return {"train": train_rows, "eval": eval_rows}
 
 
@@ -138,13 +145,26 @@ def _mean_band(curves: list[list[dict]], key: str) -> tuple[list[int], list[floa
     return (steps, [statistics.fmean(v) for v in values], [min(v) for v in values], [max(v) for v in values])
 
 
+def blind_of(runs: dict[tuple[str, int], dict]) -> dict | None:
+    """The blind baseline on val.jsonl: the best constant span's mIoU (from the evaluations) and the
+    expected reward of that answer, well formed (format 1 + IoU, the reward weights of
+    examples/configs/tiny_cpu_tvg.yaml); None when no evaluation reported it."""
+    values = {r["blind_miou"] for curve in runs.values() for r in curve["eval"] if r.get("blind_miou") is not None}
+    if not values:
+        return None
+    miou = values.pop()
+    reward = DEMO.reward
+    return {"miou": miou, "reward": reward.format_weight + reward.iou_weight * miou / 100}
+
+
 def plot(runs: dict[tuple[str, int], dict], path: Path, title: str, start_val: dict | None,
          eval_k: int | None = None) -> None:
     """Three panels. (a) the headline: expected val reward of each subset's final model (bar: mean
     over seeds, dots: each seed) against the SFT model it started from (dashed line), on an axis
     from 0 to the largest possible reward (format 1 + IoU 1). (b) greedy eval mIoU per eval step and
     (c) the within-group reward std of the training rollouts: means over seeds, the band from the
-    lowest to the highest seed, mIoU on its whole 0-100 scale, integer steps."""
+    lowest to the highest seed, mIoU on its whole 0-100 scale, integer steps. (a) and (b) draw the
+    blind baseline: what the best constant answer scores on the same val rows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,6 +175,7 @@ def plot(runs: dict[tuple[str, int], dict], path: Path, title: str, start_val: d
     styles = {"selected": ("o", "-"), "random": ("s", "--"), "full": ("^", ":")}
     subsets = [s for s in SUBSETS if any(sub == s for sub, _ in runs)]
     seeds = sorted({seed for _, seed in runs})
+    blind = blind_of(runs)
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1, 1.3, 1.3]})
     ax = axes[0]
     for i, subset in enumerate(subsets):
@@ -169,6 +190,9 @@ def plot(runs: dict[tuple[str, int], dict], path: Path, title: str, start_val: d
     if start_val:
         ax.axhline(start_val["reward"], color="black", linestyle="--", linewidth=1,
                    label=f"SFT model (start): {start_val['reward']:.3f}")
+    if blind:
+        ax.axhline(blind["reward"], color="tab:red", linestyle=":", linewidth=1.2,
+                   label=f"blind (best constant answer): {blind['reward']:.3f}")
     ax.set_xticks(range(len(subsets)), subsets)
     ax.set_ylim(0, 2.0)
     ax.set_ylabel("expected val reward (format + IoU, max 2)")
@@ -193,6 +217,9 @@ def plot(runs: dict[tuple[str, int], dict], path: Path, title: str, start_val: d
         ax.set_xlabel("GRPO step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    if blind:
+        axes[1].axhline(blind["miou"], color="tab:red", linestyle=":", linewidth=1.2,
+                        label=f"blind (best constant answer): {blind['miou']:.1f}")
     axes[1].set_title("(b) greedy mIoU, whole 0-100 scale", fontsize=9)
     axes[2].set_title("(c) what GRPO learns from", fontsize=9)
     axes[1].legend(fontsize=7, loc="lower right")
@@ -236,9 +263,9 @@ def main(argv=None) -> None:
     ap.add_argument("--top-fraction", type=float, default=0.5,
                     help="share of the training rows the selection keeps (highest reward variance)")
     ap.add_argument("--subset-seed", type=int, default=0, help="the random subset's draw")
-    ap.add_argument("--lr", type=float, help="GRPO learning rate (default: --quick 1e-4, --full 5e-5)")
-    ap.add_argument("--n", type=int, default=4, help="rollouts per prompt in GRPO")
-    ap.add_argument("--prompts-per-step", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=DEMO.optimizer.lr, help="GRPO learning rate (default: the demo's)")
+    ap.add_argument("--n", type=int, default=DEMO.rollout.n, help="rollouts per prompt in GRPO (default: the demo's)")
+    ap.add_argument("--prompts-per-step", type=int, default=DEMO.trainer.prompts_per_step)
     ap.add_argument("--tp", type=int, default=1, help="Megatron TP (1 is the fastest for the tiny model on 2 cores)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench_data_efficiency",
                     help="selection, subsets, runs and logs (emptied first; the warm start is cached in "
@@ -323,6 +350,7 @@ def main(argv=None) -> None:
         return statistics.fmean(r["group_std"] for s in seeds for r in runs[subset, s]["train"])
 
     start_miou = statistics.fmean(runs["full", s]["eval"][0]["miou"] for s in seeds)
+    blind = blind_of(runs)
     notes = {"rows_train": n_train, "rows_subset": size, "selection": {k: v for k, v in summary.items()
                                                                      if not isinstance(v, dict)},
              "expected_val_reward_before": start_val,
@@ -330,6 +358,7 @@ def main(argv=None) -> None:
              "expected_val_iou_final": {s: val_reward(s, "iou") for s in SUBSETS},
              "eval_miou_before": start_miou,
              "eval_miou_final": {s: final_miou(s) for s in SUBSETS},
+             "blind_val": blind,
              "informative_groups": {s: informative(s) for s in SUBSETS},
              "group_reward_std": {s: group_std(s) for s in SUBSETS},
              "curves": {f"{subset}_seed{seed}": curve for (subset, seed), curve in runs.items()},
@@ -345,6 +374,8 @@ def main(argv=None) -> None:
                baseline_name=f"full dataset, {n_train} rows"),
         Figure(f"greedy eval mIoU {steps}, variance-selected {size} rows", final_miou("selected"),
                final_miou("random"), "mIoU", baseline_name=f"random {size} rows"),
+        *([Figure(f"greedy eval mIoU {steps}, full dataset, vs the blind baseline", final_miou("full"),
+                  blind["miou"], "mIoU", baseline_name="best constant answer on val")] if blind else []),
         Figure("within-group reward std of the GRPO rollouts, variance-selected rows", group_std("selected"),
                group_std("random"), "reward std", baseline_name=f"random {size} rows"),
     ]
@@ -353,6 +384,7 @@ def main(argv=None) -> None:
     print(f"[data_efficiency] expected val reward {start_val['reward']:.3f} before; after {args.steps} steps: "
           + ", ".join(f"{s} {val_reward(s):.3f}" for s in SUBSETS)
           + f"; greedy eval mIoU {start_miou:.1f} before, after: " + ", ".join(f"{s} {final_miou(s):.1f}" for s in SUBSETS)
+          + (f" (blind baseline {blind['miou']:.1f})" if blind else "")
           + f"; {time.time() - t_start:.0f} s; curves in {RESULTS / f'{stem}.png'}", flush=True)
 
 

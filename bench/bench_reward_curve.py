@@ -1,39 +1,45 @@
 """Mean reward on the synthetic temporal-grounding task across GRPO steps, over several seeds.
 
-Drives ``megavrl train`` as subprocesses, as examples/demo.sh does: a tiny random Qwen2.5-VL
-(``megavrl make-tiny-model``), synthetic grounding videos (``megavrl data synth --tasks tvg``), a
-short SFT warm start (cross-entropy on the reference answers, exported to HF format; all three
-from bench/cli_runs.py's cache, shared with bench_data_efficiency), then one GRPO run per seed from the SFT model (vLLM rollouts, dual reward: format + temporal IoU, KL to the
-reference; examples/configs/tiny_cpu_tvg.yaml with the overrides below; no evaluation runs). Each
-run's ``tensorboard/metrics.jsonl`` gives ``reward/total`` (the mean over the step's n rollouts of
-each prompt, before that step's update) and its components ``reward/tvg/format`` and
-``reward/tvg/iou``.
+Drives ``megavrl train`` as subprocesses, as examples/demo.sh does, on the demo's task: a tiny
+random Qwen2.5-VL (``megavrl make-tiny-model``), the demo's synthetic grounding videos (one
+frame-filling event per 8 s video, 504 training rows), the demo's SFT warm start (300 steps,
+exported to HF format; all three from bench/cli_runs.py's cache, shared with
+bench_data_efficiency), then one GRPO run per seed from the SFT model with the demo's GRPO
+settings (examples/configs/tiny_cpu_tvg.yaml: vLLM rollouts, dual reward: format + temporal IoU,
+KL to the reference; no evaluation runs). Each run's ``tensorboard/metrics.jsonl`` gives
+``reward/total`` (the mean over the step's n rollouts of each prompt, before that step's update)
+and its components ``reward/tvg/format`` and ``reward/tvg/iou``.
+
+The blind baseline is drawn beside the curve: the training reward of the best constant answer on
+the training rows (well formed, format 1, plus the IoU of the span of best mIoU over those rows,
+``megavrl.eval.blind``). A mean reward at or below it is reached without looking at the video.
 
 Writes
   bench/results/reward_curve.csv   seed, step, reward (+ iou, format, parse_fail_rate)
-  bench/results/reward_curve.png   mean over seeds per step, min-max band, each seed thin; IoU below
+  bench/results/reward_curve.png   mean over seeds per step, min-max band, each seed thin, the
+                                   blind baseline dashed; IoU below
   bench/results/reward_curve.json  value = mean reward of the last ``--last`` steps (all seeds),
                                    baseline = mean reward at step 1 (ratio = improvement factor);
-                                   if the step-1 reward is 0 the ratio is undefined (written as
-                                   Infinity) and notes.gain holds the additive improvement.
+                                   a second figure compares it with the blind baseline; if the
+                                   step-1 reward is 0 the ratio is undefined (written as Infinity)
+                                   and notes.gain holds the additive improvement.
 
 Modes
-  --quick (default): 2 seeds x 10 GRPO steps (lr 1e-4), one shared SFT warm start of 80 steps:
-                     about 5 minutes on 2 CPU cores, 2.5 more if the warm start is not cached.
-  --full:            5 seeds x 30 GRPO steps (lr 5e-5), an SFT warm start per seed (so the spread
-                     includes the warm start): about 35-40 minutes on 2 CPU cores.
-  Any setting can be overridden (--seeds, --steps, --sft-steps, --lr, --n, ...); extra
-  ``key=value`` arguments after ``--`` go to every GRPO run. Each GRPO seed also sets data.seed
-  (its own prompt order).
+  --quick (default): 2 seeds x 10 GRPO steps from one shared SFT warm start: about 10 minutes on
+                     2 CPU cores, 5 fewer when the warm start is cached.
+  --full:            3 seeds x the demo's 24 GRPO steps, an SFT warm start per seed (so the
+                     spread includes the warm start): about 30 minutes on one CPU core.
+  The GRPO learning rate, n and prompts per step default to the demo's. Any setting can be
+  overridden (--seeds, --steps, --sft-steps, --lr, --n, ...); extra ``key=value`` arguments after
+  ``--`` go to every GRPO run. Each GRPO seed also sets data.seed (its own prompt order).
 
-What was found tuning it (2-core CPU, tiny model, 4 prompts x n=4 per step):
-- after 40 SFT steps (lr 1e-3) only ~12% of the *sampled* responses (temperature 1) are
-  well-formed, and GRPO at lr 1e-4 drifts (entropy rises, the reward falls to the format floor);
-  after 80 SFT steps about half are, and the reward rises within 10 GRPO steps;
-- over 20 steps (3 seeds, one prompt order) the mean reward rose from 0.68 to ~1.25 by step 11-12
-  and then fell back to ~0.9 (lr 1e-4: one seed lost its format for a few steps; lr 5e-5: a milder
-  decline), so short runs show the rise best at these batch sizes;
-- the reward of one step is a mean of 16 samples over 4 prompts: expect +-0.2 step to step, and
+What was found on the earlier synthetic tasks (until 2026-11-22: 64 videos, small shapes, events
+near the middle, 80 SFT steps at lr 1e-3; the SFT model answered one span for every video):
+- after 40 SFT steps only ~12% of the *sampled* responses (temperature 1) were well-formed, and
+  GRPO at lr 1e-4 drifted (entropy rose, the reward fell to the format floor); after 80 about
+  half were, and the reward rose within 10 GRPO steps: it learned the format, and the constant
+  span that suits the most videos;
+- the reward of one step is a mean over its prompts' samples: expect +-0.2 step to step, and
   steps whose prompts are hard pull every seed down when the seeds share a prompt order.
 
 Usage: python -m bench.bench_reward_curve [--quick | --full] [--seeds 2] [--steps 10] [-- key=value ...]
@@ -42,19 +48,37 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import shutil
 import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.cli_runs import ROOT, WarmStart, apply_mode, mode_parser, read_metrics, train, warm_start
+from bench.cli_runs import CONFIG, ROOT, WarmStart, apply_mode, mode_parser, read_metrics, train, warm_start
 from bench.common import RESULTS, Figure, write_result
+from megavrl.config import load_config
 
+DEMO = load_config(CONFIG)
+"""examples/configs/tiny_cpu_tvg.yaml: the demo's GRPO settings, this benchmark's defaults."""
 MODES = {
-    "quick": dict(seeds=2, steps=10, sft_steps=80, sft_per_seed=False, last=3, lr=1e-4),
-    "full": dict(seeds=5, steps=30, sft_steps=80, sft_per_seed=True, last=5, lr=5e-5),
+    "quick": dict(seeds=2, steps=10, sft_per_seed=False, last=3),
+    "full": dict(seeds=3, steps=DEMO.trainer.total_steps, sft_per_seed=True, last=5),
 }
+
+
+def blind_reward(data: Path) -> dict:
+    """The training reward of the best constant answer on data/train.jsonl: a well-formed answer
+    (format reward 1) naming the span of best mIoU over those rows (``megavrl.eval.blind``), with
+    the reward weights of examples/configs/tiny_cpu_tvg.yaml. A policy whose mean reward is at or
+    below it has learned the format, not the video."""
+    from megavrl.eval.blind import blind_baseline
+
+    rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines() if line.strip()]
+    blind = blind_baseline("tvg", [{"ground_truth": row} for row in rows if row.get("task") == "tvg"])
+    reward = DEMO.reward
+    iou = blind["blind_baseline"]["mIoU"] / 100
+    return {"reward": reward.format_weight + reward.iou_weight * iou, "iou": iou, "answer": blind["blind_answer"]}
 
 
 def read_rewards(metrics: Path) -> list[dict]:
@@ -63,7 +87,7 @@ def read_rewards(metrics: Path) -> list[dict]:
             for rec in read_metrics(metrics) if "reward/total" in rec]
 
 
-def plot(curves: dict[int, list[dict]], path: Path, title: str) -> None:
+def plot(curves: dict[int, list[dict]], path: Path, title: str, blind: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,6 +104,9 @@ def plot(curves: dict[int, list[dict]], path: Path, title: str) -> None:
         for seed, rows in curves.items():
             ax.plot([r["step"] for r in rows], [r[key] for r in rows], lw=0.8, alpha=0.5, label=f"seed {seed}")
         ax.plot(steps, mean, lw=2.2, color="black", label=f"mean over {len(curves)} seeds")
+        if blind is not None:
+            ax.axhline(blind[key], color="tab:red", linestyle="--", linewidth=1,
+                       label=f"blind: the constant answer {blind['answer']}")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="lower right")
@@ -94,16 +121,17 @@ def main(argv=None) -> None:
     ap = mode_parser(__doc__)
     ap.add_argument("--seeds", type=int, help="number of seeds (1, 2, ...)")
     ap.add_argument("--steps", type=int, help="GRPO steps per seed")
-    ap.add_argument("--sft-steps", type=int, help="SFT warm-start steps (0: GRPO from the random model)")
+    ap.add_argument("--sft-steps", type=int, default=WarmStart.sft_steps,
+                    help="SFT warm-start steps (0: GRPO from the random model)")
     ap.add_argument("--sft-per-seed", action=argparse.BooleanOptionalAction, default=None,
                     help="one SFT warm start per seed (default: --full yes, --quick no)")
     ap.add_argument("--last", type=int, help="the figure's value is the mean reward of the last N steps")
-    ap.add_argument("--sft-lr", type=float, default=1e-3)
-    ap.add_argument("--lr", type=float, help="GRPO learning rate (default: --quick 1e-4, --full 5e-5)")
-    ap.add_argument("--n", type=int, default=4, help="rollouts per prompt")
-    ap.add_argument("--prompts-per-step", type=int, default=4)
+    ap.add_argument("--sft-lr", type=float, default=WarmStart.sft_lr)
+    ap.add_argument("--lr", type=float, default=DEMO.optimizer.lr, help="GRPO learning rate (default: the demo's)")
+    ap.add_argument("--n", type=int, default=DEMO.rollout.n, help="rollouts per prompt (default: the demo's)")
+    ap.add_argument("--prompts-per-step", type=int, default=DEMO.trainer.prompts_per_step)
     ap.add_argument("--videos", type=int, default=WarmStart.videos,
-                    help="synthetic videos (one grounding row each; a quarter go to val.jsonl)")
+                    help="synthetic videos (one grounding row each; an eighth go to val.jsonl)")
     ap.add_argument("--tp", type=int, default=1, help="Megatron TP (1 is the fastest for the tiny model on 2 cores)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench_reward_curve",
                     help="GRPO runs and their logs (emptied first; the warm start is cached in runs/bench_cache)")
@@ -132,8 +160,10 @@ def main(argv=None) -> None:
         return warm.sft_hf, warm.data
 
     curves: dict[int, list[dict]] = {}
+    blind = None
     for seed in seeds:
         hf_dir, data = start_of(seed)
+        blind = blind or blind_reward(data)
         curves[seed] = read_rewards(train(work, f"grpo_seed{seed}", hf_dir, data,
                                           [*common, *grpo, f"trainer.seed={seed}", f"data.seed={seed}"]))
         rs = curves[seed]
@@ -162,13 +192,13 @@ def main(argv=None) -> None:
     rises = last > first and slope > 0
     title = (f"GRPO on synthetic temporal grounding (tiny Qwen2.5-VL, CPU)\n{len(seeds)} seeds, n={args.n}, "
              f"{args.prompts_per_step} prompts/step, lr {args.lr:g}, after {args.sft_steps} SFT steps")
-    plot(curves, RESULTS / "reward_curve.png", title)
+    plot(curves, RESULTS / "reward_curve.png", title, blind)
     notes = {"gain": last - first, "slope_per_step": slope, "first_steps_mean": statistics.fmean(
         mean_at[s] for s in steps[:args.last]), "per_seed_gain": per_seed_gain, "rises": rises,
         "mean_reward_per_step": mean_at, "steps": n, "seeds": seeds,
         "iou_last": statistics.fmean(r["iou"] for rows in curves.values() for r in rows if r["step"] in last_steps),
         "iou_step1": statistics.fmean(rows[0]["iou"] for rows in curves.values()),
-        "csv": "bench/results/reward_curve.csv", "png": "bench/results/reward_curve.png",
+        "blind": blind, "csv": "bench/results/reward_curve.csv", "png": "bench/results/reward_curve.png",
         "wall_s": round(time.time() - t_start)}
     if first > 0:
         figure = Figure(f"mean reward, last {len(last_steps)} GRPO steps", last, first, "reward",
@@ -177,10 +207,12 @@ def main(argv=None) -> None:
         figure = Figure(f"mean reward, last {len(last_steps)} GRPO steps (step-1 reward 0: ratio undefined, "
                         "additive gain in notes.gain)", last, first, "reward",
                         baseline_name="mean reward at step 1", notes=notes)
-    write_result("reward_curve", [figure], config={k: (str(v) if isinstance(v, Path) else v)
+    over_blind = Figure(f"mean reward, last {len(last_steps)} GRPO steps, vs the blind baseline", last,
+                        blind["reward"], "reward", baseline_name=f"the constant answer {blind['answer']}")
+    write_result("reward_curve", [figure, over_blind], config={k: (str(v) if isinstance(v, Path) else v)
                                                    for k, v in vars(args).items()})
     print(f"[reward_curve] {'rises' if rises else 'does NOT rise'}: step 1 {first:.3f} -> last {len(last_steps)} "
-          f"steps {last:.3f} (slope {slope:+.4f}/step); {time.time() - t_start:.0f} s; "
+          f"steps {last:.3f} (slope {slope:+.4f}/step; blind baseline {blind['reward']:.3f}); {time.time() - t_start:.0f} s; "
           f"curve in {RESULTS / 'reward_curve.png'}", flush=True)
 
 
