@@ -14,7 +14,7 @@ The blind baseline is drawn beside the curve: the training reward of the best co
 the training rows (well formed, format 1, plus the IoU of the span of best mIoU over those rows,
 ``megavrl.eval.blind``). A mean reward at or below it is reached without looking at the video.
 
-Writes
+Writes (--full: reward_curve_full.*)
   bench/results/reward_curve.csv   seed, step, reward (+ iou, format, parse_fail_rate)
   bench/results/reward_curve.png   mean over seeds per step, min-max band, each seed thin, the
                                    blind baseline dashed; IoU below
@@ -171,7 +171,8 @@ def main(argv=None) -> None:
               flush=True)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "reward_curve.csv", "w", newline="") as f:
+    stem = "reward_curve" if args.mode == "quick" else f"reward_curve_{args.mode}"
+    with open(RESULTS / f"{stem}.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["seed", "step", "reward", "iou", "format", "parse_fail_rate"])
         for seed, rows in curves.items():
@@ -192,13 +193,13 @@ def main(argv=None) -> None:
     rises = last > first and slope > 0
     title = (f"GRPO on synthetic temporal grounding (tiny Qwen2.5-VL, CPU)\n{len(seeds)} seeds, n={args.n}, "
              f"{args.prompts_per_step} prompts/step, lr {args.lr:g}, after {args.sft_steps} SFT steps")
-    plot(curves, RESULTS / "reward_curve.png", title, blind)
+    plot(curves, RESULTS / f"{stem}.png", title, blind)
     notes = {"gain": last - first, "slope_per_step": slope, "first_steps_mean": statistics.fmean(
         mean_at[s] for s in steps[:args.last]), "per_seed_gain": per_seed_gain, "rises": rises,
         "mean_reward_per_step": mean_at, "steps": n, "seeds": seeds,
         "iou_last": statistics.fmean(r["iou"] for rows in curves.values() for r in rows if r["step"] in last_steps),
         "iou_step1": statistics.fmean(rows[0]["iou"] for rows in curves.values()),
-        "blind": blind, "csv": "bench/results/reward_curve.csv", "png": "bench/results/reward_curve.png",
+        "blind": blind, "csv": f"bench/results/{stem}.csv", "png": f"bench/results/{stem}.png",
         "wall_s": round(time.time() - t_start)}
     if first > 0:
         figure = Figure(f"mean reward, last {len(last_steps)} GRPO steps", last, first, "reward",
@@ -209,11 +210,11 @@ def main(argv=None) -> None:
                         baseline_name="mean reward at step 1", notes=notes)
     over_blind = Figure(f"mean reward, last {len(last_steps)} GRPO steps, vs the blind baseline", last,
                         blind["reward"], "reward", baseline_name=f"the constant answer {blind['answer']}")
-    write_result("reward_curve", [figure, over_blind], config={k: (str(v) if isinstance(v, Path) else v)
+    write_result(stem, [figure, over_blind], config={k: (str(v) if isinstance(v, Path) else v)
                                                    for k, v in vars(args).items()})
     print(f"[reward_curve] {'rises' if rises else 'does NOT rise'}: step 1 {first:.3f} -> last {len(last_steps)} "
           f"steps {last:.3f} (slope {slope:+.4f}/step; blind baseline {blind['reward']:.3f}); {time.time() - t_start:.0f} s; "
-          f"curve in {RESULTS / 'reward_curve.png'}", flush=True)
+          f"curve in {RESULTS / f'{stem}.png'}", flush=True)
 
 
 if __name__ == "__main__":
