@@ -27,9 +27,10 @@ common=(model.hf_dir="$out/tiny-hf"
 echo "== 1/3 tiny model and synthetic data in $out"
 "$megavrl" make-tiny-model --out "$out/tiny-hf" --preset tiny --seed "$seed" --force
 # tvg only, one event a video that fills the screen (--shape-size 1), on a background that brightens
-# with time: what a random 4M-parameter model learns to ground in minutes (see README).
-"$megavrl" data synth --out "$out/data" --tasks tvg --n 576 --seed "$seed" --size 56x56 --shape-size 1 \
-    --distractors 0 --val-fraction 0.125
+# with time: what a random 4M-parameter model learns to ground in minutes (see README). 504 videos
+# for training, 216 held out (one held-out video is 0.46 mIoU points).
+"$megavrl" data synth --out "$out/data" --tasks tvg --n 720 --seed "$seed" --size 56x56 --shape-size 1 \
+    --distractors 0 --val-fraction 0.3
 
 echo "== 2/3 SFT warm start"
 "$megavrl" train --config "$config" "${common[@]}" algorithm.name=sft trainer.total_steps=300 logging.log_every=25 \
