@@ -52,11 +52,11 @@ all-equal rows are common and the informative-group share is the figure to watch
 Modes
   --quick (default): 1 seed, 8 GRPO steps, k=4, the top half of the 504 training rows, greedy
                      evaluation on the 72 val rows at steps 0, 4 and 8, expected val reward from 8
-                     samples per val row: about 15 minutes on 2 CPU cores (5 more when the warm
-                     start is not cached). One seed: a smoke test of the pipeline and a first
-                     look; use --full for the claim.
+                     samples per val row: about 7 minutes on one CPU core with the warm start
+                     cached (building it takes 5 more). One seed: a smoke test of the pipeline
+                     and a first look; use --full for the claim.
   --full:            3 seeds, 20 GRPO steps, k=8, eval every 5 steps; figures are means over
-                     seeds: about 40 minutes on one CPU core.
+                     seeds: about 33 minutes on one CPU core, the warm start included.
   The GRPO learning rate, n and prompts per step default to the demo's
   (examples/configs/tiny_cpu_tvg.yaml). Every setting can be overridden (--seeds, --steps, --k,
   --top-fraction, --lr, ...); extra ``key=value`` arguments after ``--`` go to every GRPO run.

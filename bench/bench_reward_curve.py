@@ -25,10 +25,11 @@ Writes (--full: reward_curve_full.*)
                                    and notes.gain holds the additive improvement.
 
 Modes
-  --quick (default): 2 seeds x 10 GRPO steps from one shared SFT warm start: about 10 minutes on
-                     2 CPU cores, 5 fewer when the warm start is cached.
+  --quick (default): 2 seeds x 10 GRPO steps from one shared SFT warm start: about 2 minutes on
+                     one CPU core with the warm start cached (building it takes 5 more).
   --full:            3 seeds x the demo's 24 GRPO steps, an SFT warm start per seed (so the
-                     spread includes the warm start): about 30 minutes on one CPU core.
+                     spread includes the warm start): about 22 minutes on one CPU core (each
+                     seed 5 min of SFT and 2 of GRPO).
   The GRPO learning rate, n and prompts per step default to the demo's. Any setting can be
   overridden (--seeds, --steps, --sft-steps, --lr, --n, ...); extra ``key=value`` arguments after
   ``--`` go to every GRPO run. Each GRPO seed also sets data.seed (its own prompt order).
