@@ -172,11 +172,17 @@ class Trainer:
         # Seeded after everything is built (starting vLLM or building models draws random numbers),
         # so the training stream depends only on the seed, or on the checkpoint when resuming.
         seed_everything(cfg.trainer.seed)
+        # An engine is given to the rank that holds it; every rank learns whether one was, and
+        # every rank refuses one whose log-probs are of another distribution (none waits forever
+        # for a rank that raised alone).
+        refusal = None
         if engine is not None and engine.config.vllm_logprobs_mode() != cfg.rollout.vllm_logprobs_mode():
-            raise ValueError(f"the rollout engine given returns {engine.config.vllm_logprobs_mode()}, this run needs "
-                             f"{cfg.rollout.vllm_logprobs_mode()} (rollout.temperature={cfg.rollout.temperature}): "
-                             "start one with this run's rollout config")
-        reused_engine = broadcast_object(engine is not None)
+            refusal = (f"the rollout engine given returns {engine.config.vllm_logprobs_mode()}, this run needs "
+                       f"{cfg.rollout.vllm_logprobs_mode()} (rollout.temperature={cfg.rollout.temperature}): "
+                       "start one with this run's rollout config")
+        reused_engine, refusal = broadcast_object((engine is not None, refusal))
+        if refusal:
+            raise ValueError(refusal)
         resumed = self._resume()
         if not resumed and (reused_engine or cfg.model.megatron_ckpt):
             self.sync_weights()  # the engine holds other weights than the actor starts from

@@ -42,6 +42,7 @@ from megavrl.rollout.worker_extension import WORKER_EXTENSION
 
 log = get_logger(__name__)
 
+
 def cpu_core_share(local_rank: int | None = None, local_world_size: int | None = None,
                    cpus: list[int] | None = None) -> str | None:
     """The CPU cores an engine started by local rank ``local_rank`` of ``local_world_size`` processes

@@ -79,6 +79,14 @@ def test_resume_repeats_every_later_step_exactly(tp2_report):
     assert b["weights_equal_A"]
 
 
+def test_an_engine_with_other_log_probs_is_refused_on_every_rank(tp2_report):
+    _, workdir = tp2_report
+    for rank in (0, 1):  # rank 0 holds the engine, rank 1 none
+        refusal = _report(workdir, "tp2", rank)["R"]
+        assert refusal["refused"], rank
+        assert "returns processed_logprobs, this run needs raw_logprobs" in refusal["message"], refusal
+
+
 def test_inf_gradient_or_nan_loss_changes_nothing(tp2_report):
     # step 2: finite loss, infinite gradient; step 3: NaN loss. Both skipped and counted, and the
     # weights and Adam state after step 3 are bit-identical to those before step 2.

@@ -268,6 +268,14 @@ def scenario_tp2(workdir: Path, hf_dir: str, data_dir: str) -> dict:
         report["C2"] = {"stopped": True, "message": str(e), "step": c2.step,
                         "checkpoints": [p.name for _, p in c2.ckpt.complete()],
                         "status": json.loads((workdir / "C2" / "run_status.json").read_text()) if rank == 0 else {}}
+    # R: the engine (on rank 0 only) samples at 0.7 with processed log-probs; a run at temperature 1
+    # needs raw ones and is refused on every rank, rank 1 (no engine) included, instead of one rank
+    # raising and the other waiting for it.
+    try:
+        Trainer(config(workdir, hf_dir, data_dir, "R", **{"parallel.tp": 2, "rollout.temperature": 1.0}), engine=engine)
+        report["R"] = {"refused": False}
+    except ValueError as e:
+        report["R"] = {"refused": True, "message": str(e)}
     # E: A's final checkpoint (TP=2, with optimizer) resumed at PP=2 and at TP=1 (DP=2): weights
     # and Adam state resharded, per-rank RNG restarted; then one more step at that layout.
     ckpt = str(workdir / "A" / "checkpoints" / "step_00000004")
