@@ -73,13 +73,11 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.cli_runs import (CONFIG, ROOT, WarmStart, apply_mode, dataset_override, megavrl, mode_parser,
-                            read_metrics, train, warm_start)
+from bench.cli_runs import (CONFIG, ROOT, WarmStart, apply_mode, constant_answer_reward, dataset_override,
+                            demo_config, megavrl, mode_parser, read_metrics, train, warm_start)
 from bench.common import RESULTS, Figure, write_result
-from megavrl.config import load_config
 
-DEMO = load_config(CONFIG)
-"""examples/configs/tiny_cpu_tvg.yaml: the demo's GRPO settings, this benchmark's defaults."""
+DEMO = demo_config()
 MODES = {
     "quick": dict(seeds=1, steps=8, eval_every=4, k=4),
     "full": dict(seeds=3, steps=20, eval_every=5, k=8),
@@ -153,8 +151,7 @@ def blind_of(runs: dict[tuple[str, int], dict]) -> dict | None:
     if not values:
         return None
     miou = values.pop()
-    reward = DEMO.reward
-    return {"miou": miou, "reward": reward.format_weight + reward.iou_weight * miou / 100}
+    return {"miou": miou, "reward": constant_answer_reward(miou / 100)}
 
 
 def plot(runs: dict[tuple[str, int], dict], path: Path, title: str, start_val: dict | None,

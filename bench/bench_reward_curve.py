@@ -56,12 +56,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.cli_runs import CONFIG, ROOT, WarmStart, apply_mode, mode_parser, read_metrics, train, warm_start
+from bench.cli_runs import ROOT, WarmStart, constant_answer_reward, demo_config, apply_mode, mode_parser, read_metrics, train, warm_start
 from bench.common import RESULTS, Figure, write_result
-from megavrl.config import load_config
 
-DEMO = load_config(CONFIG)
-"""examples/configs/tiny_cpu_tvg.yaml: the demo's GRPO settings, this benchmark's defaults."""
+DEMO = demo_config()
 MODES = {
     "quick": dict(seeds=2, steps=10, sft_per_seed=False, last=3),
     "full": dict(seeds=3, steps=DEMO.trainer.total_steps, sft_per_seed=True, last=5),
@@ -77,9 +75,8 @@ def blind_reward(data: Path) -> dict:
 
     rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines() if line.strip()]
     blind = blind_baseline("tvg", [{"ground_truth": row} for row in rows if row.get("task") == "tvg"])
-    reward = DEMO.reward
     iou = blind["blind_baseline"]["mIoU"] / 100
-    return {"reward": reward.format_weight + reward.iou_weight * iou, "iou": iou, "answer": blind["blind_answer"]}
+    return {"reward": constant_answer_reward(iou), "iou": iou, "answer": blind["blind_answer"]}
 
 
 def read_rewards(metrics: Path) -> list[dict]:

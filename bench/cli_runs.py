@@ -27,6 +27,21 @@ _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP
                   "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
 
 
+def demo_config():
+    """examples/configs/tiny_cpu_tvg.yaml, loaded: the demo's GRPO settings, the training
+    benchmarks' defaults."""
+    from megavrl.config import load_config
+
+    return load_config(CONFIG)
+
+
+def constant_answer_reward(iou: float) -> float:
+    """The training reward of a well-formed answer (format reward 1) whose span scores ``iou``,
+    with the demo config's reward weights: what the blind baseline's constant answer earns."""
+    reward = demo_config().reward
+    return reward.format_weight + reward.iou_weight * iou
+
+
 def mode_parser(description: str) -> argparse.ArgumentParser:
     """An argument parser with ``--quick`` (the default) and ``--full`` (``args.mode``)."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
