@@ -26,7 +26,7 @@ import torch
 
 from megavrl.config_base import dump_yaml, to_dict
 from megavrl.log import get_logger
-from megavrl.parallel.collectives import broadcast_object, global_rank
+from megavrl.parallel.collectives import all_gather_object, broadcast_object, global_rank
 from megavrl.rl.batch import TrainSequence, padded_length
 from megavrl.rl.learning_signal import LearningSignalCheck
 from megavrl.rl.micro_batches import MicroBatching, micro_batch_metrics, rank_micro_batches
@@ -172,17 +172,18 @@ class Trainer:
         # Seeded after everything is built (starting vLLM or building models draws random numbers),
         # so the training stream depends only on the seed, or on the checkpoint when resuming.
         seed_everything(cfg.trainer.seed)
-        # An engine is given to the rank that holds it; every rank learns whether one was, and
-        # every rank refuses one whose log-probs are of another distribution (none waits forever
-        # for a rank that raised alone).
+        # An engine is given to each rank that holds one; every rank learns whether rank 0 was, and
+        # every rank refuses when any given engine's log-probs are of another distribution (none
+        # waits forever for a rank that raised alone).
         refusal = None
         if engine is not None and engine.config.vllm_logprobs_mode() != cfg.rollout.vllm_logprobs_mode():
-            refusal = (f"the rollout engine given returns {engine.config.vllm_logprobs_mode()}, this run needs "
-                       f"{cfg.rollout.vllm_logprobs_mode()} (rollout.temperature={cfg.rollout.temperature}): "
-                       "start one with this run's rollout config")
-        reused_engine, refusal = broadcast_object((engine is not None, refusal))
-        if refusal:
-            raise ValueError(refusal)
+            refusal = (f"the rollout engine given to rank {global_rank()} returns {engine.config.vllm_logprobs_mode()}, "
+                       f"this run needs {cfg.rollout.vllm_logprobs_mode()} (rollout.temperature="
+                       f"{cfg.rollout.temperature}): start one with this run's rollout config")
+        refusals = [r for r in all_gather_object(refusal) if r]
+        if refusals:
+            raise ValueError(refusals[0])
+        reused_engine = broadcast_object(engine is not None)
         resumed = self._resume()
         if not resumed and (reused_engine or cfg.model.megatron_ckpt):
             self.sync_weights()  # the engine holds other weights than the actor starts from
