@@ -126,8 +126,31 @@ def test_stage_table_lists_each_run_before_after_beside_the_blind_baseline(tmp_p
             write_metrics_json(tmp_path / run / "eval" / tag / "metrics.json", metrics)
     assert main([f"SFT={tmp_path / 'sft'}", f"GRPO={tmp_path / 'grpo'}", f"X={tmp_path / 'missing'}"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["benchmark", "metric", "blind", "SFT", "before", "->", "after", "GRPO", "before",
-                                "->", "after", "X", "before", "->", "after"]
+    change = ["change", "[95%", "CI]"]
+    assert lines[0].split() == ["benchmark", "metric", "blind", "SFT", "before", "->", "after", "SFT", *change,
+                                "GRPO", "before", "->", "after", "GRPO", *change, "X", "before", "->", "after",
+                                "X", *change]
     blind = metrics["benchmarks"]["tvg"]["blind_baseline"]["mIoU"]
-    assert lines[1].split() == ["tvg", "mIoU", f"{blind:.2f}", "0.00", "->", "0.00", "0.00", "->", "0.00", "-", "->", "-"]
-    assert [line.split()[:2] for line in lines[2:]] == [["mcq", "accuracy"], ["gqa", "Acc@GQA"]]
+    # No predictions.jsonl: no change; no report: "-" everywhere.
+    assert lines[1].split() == ["tvg", "mIoU", f"{blind:.2f}", "0.00", "->", "0.00", "-", "0.00", "->", "0.00", "-",
+                                "-", "->", "-", "-"]
+    assert [line.split()[:2] for line in lines[2:5]] == [["mcq", "accuracy"], ["gqa", "Acc@GQA"]] + [["change:", "after"]]
+
+
+def test_stage_table_shows_the_change_and_its_interval_from_the_predictions(tmp_path, capsys):
+    from megavrl.eval.paired import paired_changes
+    from megavrl.eval.report import write_report
+    from megavrl.eval.summary import main
+
+    rows = [r for r in _split(1, n=40, step=0.5) if r["task"] == "tvg"]
+    answered = [dict(r, response="<think>x</think><answer>{} to {}</answer>".format(*r["ground_truth"]["timestamps"]))
+                if i % 4 else r for i, r in enumerate(rows)]  # 30 of 40 answered exactly
+    scored = {}
+    for tag, records in (("before", rows), ("after", answered)):
+        scored[tag], metrics = evaluate_predictions(records)
+        write_report(tmp_path / "sft" / "eval" / tag, scored[tag], metrics)
+    assert main([f"SFT={tmp_path / 'sft'}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (expected,) = paired_changes(scored["before"], scored["after"])
+    assert expected.delta == pytest.approx(75.0) and expected.beyond_noise
+    assert lines[1].split()[3:] == ["0.00", "->", "75.00", *expected.describe().split(), "*"]
