@@ -52,9 +52,21 @@ sample, of each benchmark's primary metric (``PRIMARY_METRIC``: mIoU for "tvg", 
 "mcq", Acc@GQA for "gqa"). Every benchmark counts once, whatever its size. A gqa benchmark where no
 question got a predicted span reports Acc@GQA and the grounding metrics as None (the official
 denominator is 0) and counts 0 in the overall mean.
+
+Standard errors (``stderr``): lmms-eval's for a mean (``lmms_eval/api/metrics.py``,
+``mean_stderr``)::
+
+    stderr = sample_stddev(x) / sqrt(m),   sample_stddev(x) = sqrt(sum_i (x_i - mean(x))^2 / (m - 1))
+
+  over the m rows of the metric's own denominator, x_i being the row's own value in percent (its
+  IoU x 100, 100 or 0 for correct or not). Every metric above is such a mean; ``metric_stderr``
+  checks it (a metric that is not would raise, not be given a wrong error). It is the row-sampling
+  error of one evaluation; the change between two evaluations of the same rows has the paired
+  interval of ``megavrl.eval.paired``, which is narrower (the rows' difficulty cancels).
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -88,6 +100,9 @@ PRIMARY_METRIC: dict[str, str] = {"tvg": "mIoU", "mcq": "accuracy", "gqa": "Acc@
 
 BLIND_KEY = "blind"
 """Flat metric keys ``<benchmark>/blind/<metric>`` hold the blind baseline of ``<benchmark>/<metric>``."""
+
+STDERR_KEY = "stderr"
+"""Flat metric keys ``<benchmark>/stderr/<metric>`` hold the standard error of ``<benchmark>/<metric>``."""
 
 TASK_TITLES: dict[str, str] = {"tvg": "Temporal video grounding", "mcq": "Multiple-choice QA",
                                "gqa": "Grounded QA"}
@@ -311,6 +326,32 @@ def task_metrics(task: str, samples: Sequence[Mapping[str, Any]]) -> dict[str, O
     raise ValueError(f"no metrics are defined for task {task!r}; known tasks: {', '.join(TASK_METRICS)}")
 
 
+def metric_stderr(task: str, samples: Sequence[Mapping[str, Any]]) -> dict[str, Optional[float]]:
+    """lmms-eval's standard error (``mean_stderr``) of each metric of ``task`` over valid scored samples.
+
+    Each metric is the mean, over the rows of its denominator, of the rows' own values (``task_metrics``
+    of one row; None for a row outside the denominator, as a gqa question without a span is for its
+    grounding metrics). The error is their sample standard deviation over the square root of their
+    count; None with fewer than 2 rows.
+
+    Raises:
+        ArithmeticError: a metric is not the mean of its rows' values (it would be given a wrong error).
+    """
+    rows = [task_metrics(task, [sample]) for sample in samples]
+    whole = task_metrics(task, samples)
+    out: dict[str, Optional[float]] = {}
+    for metric in TASK_METRICS[task]:
+        values = [row[metric] for row in rows if row[metric] is not None]
+        if len(values) < 2:
+            out[metric] = None
+            continue
+        mean = sum(values) / len(values)
+        if whole[metric] is None or not math.isclose(mean, whole[metric], rel_tol=1e-9, abs_tol=1e-9):
+            raise ArithmeticError(f"{task} {metric}: {whole[metric]} is not the mean {mean} of its rows' values")
+        out[metric] = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) / math.sqrt(len(values))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Aggregation
 # ---------------------------------------------------------------------------------------------
@@ -326,10 +367,11 @@ def aggregate_metrics(scored: Iterable[Mapping[str, Any]], expected: Optional[Ma
             show ``n = 0`` and ``None`` metrics), in the order to report them.
     Returns:
         ``{"benchmarks": {name: {"task", "n", "n_parse_failures", "n_invalid", "format_rate",
-        "primary_metric", <the task's metrics>, "blind_baseline": {<metric>: value}, "blind_answer",
-        "blind_exact"}}, "overall": {"mean_primary", "n_benchmarks", "n", "n_parse_failures",
+        "primary_metric", <the task's metrics>, "stderr": {<metric>: value}, "blind_baseline":
+        {<metric>: value}, "blind_answer", "blind_exact"}}, "overall": {"mean_primary", "n_benchmarks", "n", "n_parse_failures",
         "n_invalid"}}``. Percentages in [0, 100]; ``format_rate`` is the percentage of responses
-        that follow the answer template (None without raw responses); ``blind_baseline`` holds what
+        that follow the answer template (None without raw responses); ``stderr`` holds each metric's
+        standard error (``metric_stderr``, lmms-eval's; None below 2 rows); ``blind_baseline`` holds what
         the best constant answer scores on each metric (``megavrl.eval.blind``; absent for an empty
         benchmark).
     Raises:
@@ -373,6 +415,7 @@ def aggregate_metrics(scored: Iterable[Mapping[str, Any]], expected: Optional[Ma
             "primary_metric": PRIMARY_METRIC[task],
         }
         entry.update(task_metrics(task, samples))
+        entry["stderr"] = metric_stderr(task, samples)
         entry.update(blind_baseline(task, samples))
         benchmarks[name] = entry
         if entry["n_parse_failures"] or entry["n_invalid"]:
@@ -395,7 +438,8 @@ def aggregate_metrics(scored: Iterable[Mapping[str, Any]], expected: Optional[Ma
 
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "eval") -> dict[str, float]:
     """``{"<prefix>/<benchmark>/<metric>": value}`` plus ``<prefix>/overall/mean_primary``, for TensorBoard;
-    each blind baseline as ``<prefix>/<benchmark>/blind/<metric>``.
+    each blind baseline as ``<prefix>/<benchmark>/blind/<metric>``, each standard error as
+    ``<prefix>/<benchmark>/stderr/<metric>``.
 
     Only numeric values are kept (``None`` metrics of empty benchmarks are left out).
     """
@@ -404,9 +448,10 @@ def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "eval") -> dict[st
         for key, value in entry.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 flat[f"{prefix}/{name}/{key}"] = float(value)
-        for key, value in (entry.get("blind_baseline") or {}).items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                flat[f"{prefix}/{name}/{BLIND_KEY}/{key}"] = float(value)
+        for group, head in (("blind_baseline", BLIND_KEY), ("stderr", STDERR_KEY)):
+            for key, value in (entry.get(group) or {}).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    flat[f"{prefix}/{name}/{head}/{key}"] = float(value)
     mean = metrics.get("overall", {}).get("mean_primary")
     if mean is not None:
         flat[f"{prefix}/overall/mean_primary"] = float(mean)

@@ -96,15 +96,17 @@ def metrics_markdown(metrics: Mapping[str, Any], digits: int = 2, title: str = "
             scored += f" (eval.max_samples={run['max_samples']})"
         lines += [f"Model: `{run.get('model')}`" + (f", checkpoint step {step}" if step is not None else "")
                   + f"; {scored}.", ""]
-    lines += ["| benchmark | task | n | parse failures | invalid | primary metric | value | blind baseline | blind answer |",
-              "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
+    lines += ["| benchmark | task | n | parse failures | invalid | primary metric | value | stderr | blind baseline "
+              "| blind answer |",
+              "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
     for name, entry in benchmarks.items():
         primary = entry.get("primary_metric")
         blind = entry.get("blind_baseline") or {}
+        stderr = entry.get("stderr") or {}
         lines.append("| " + " | ".join(_cell(v, digits) for v in (
             name, entry.get("task"), entry.get("n"), entry.get("n_parse_failures"), entry.get("n_invalid"),
-            primary, entry.get(primary) if primary else None, blind.get(primary) if primary else None,
-            entry.get("blind_answer"))) + " |")
+            primary, entry.get(primary) if primary else None, stderr.get(primary) if primary else None,
+            blind.get(primary) if primary else None, entry.get("blind_answer"))) + " |")
     lines += ["", f"Overall (unweighted mean of the primary metrics of {overall.get('n_benchmarks', 0)} "
               f"non-empty benchmarks): **{_cell(overall.get('mean_primary'), digits)}**"]
     for task, names in TASK_METRICS.items():
@@ -117,6 +119,11 @@ def metrics_markdown(metrics: Mapping[str, Any], digits: int = 2, title: str = "
                   "| --- | " + " | ".join("---:" for _ in columns) + " |"]
         for name, entry in rows:
             lines.append("| " + " | ".join([_cell(name, digits)] + [_cell(entry.get(c), digits) for c in columns]) + " |")
+            stderr = entry.get("stderr")
+            if stderr:
+                lines.append("| " + " | ".join([_cell(f"{name} (stderr)", digits)]
+                                               + [_cell(stderr.get(c), digits) if c in stderr else "" for c in columns])
+                             + " |")
             blind = entry.get("blind_baseline")
             if blind:
                 bound = "" if entry.get("blind_exact", True) else ", lower bound"
@@ -126,7 +133,9 @@ def metrics_markdown(metrics: Mapping[str, Any], digits: int = 2, title: str = "
     lines.append("")
     lines.append("All values are percentages; parse failures count as 0 (IoU 0, wrong answer); invalid rows "
                  "(unusable ground truth) are left out. Grounded QA follows NExT-GQA's eval_ground.py: its IoU/IoP "
-                 "metrics and Acc@GQA are over the questions with a predicted span (n - n_no_span). The blind "
+                 "metrics and Acc@GQA are over the questions with a predicted span (n - n_no_span). stderr is "
+                 "lmms-eval's standard error of a mean (the sample standard deviation of the rows' values over "
+                 "the square root of their count): the row-sampling error of this evaluation. The blind "
                  "baseline of a metric is the best value a constant answer (the same for every question, chosen "
                  "knowing the ground truth) gets on it; the blind answer is the one for the primary metric "
                  "(megavrl.eval.blind). A model at or below it shows nothing learned from the videos.")

@@ -80,7 +80,7 @@ def test_blind_baseline_equals_a_brute_force_search_on_a_grid(seed):
                                                    for r in rows if r["task"] == "tvg"]))
     assert again["mIoU"] == pytest.approx(blind["mIoU"])
     md = metrics_markdown(metrics)
-    assert f"| tvg | tvg | 6 | 6 | 0 | mIoU | 0.00 | {blind['mIoU']:.2f} | {bench['tvg']['blind_answer']} |" in md
+    assert f"| tvg | tvg | 6 | 6 | 0 | mIoU | 0.00 | 0.00 | {blind['mIoU']:.2f} | {bench['tvg']['blind_answer']} |" in md
     assert "| tvg (blind: constant answer) | 6 |" in md
 
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from megavrl.eval import (aggregate_metrics, evaluate_predictions, flatten_metrics, prediction_record,
                           score_prediction, temporal_iop)
-from megavrl.eval.metrics import best_overlap
+from megavrl.eval.metrics import best_overlap, temporal_grounding_metrics
 from megavrl.rewards import temporal_iou
 
 OPTIONS = ["a cat", "a dog", "a bird", "a fish"]
@@ -195,6 +195,50 @@ def test_a_benchmark_mixing_tasks_is_refused():
     records = [dict(TVG[0]), dict(MCQ[0], benchmark="charades_sta")]
     with pytest.raises(ValueError, match="mixes tasks"):
         evaluate_predictions(records)
+
+
+# lmms-eval's lmms_eval/api/metrics.py, as written there: the standard error of a mean.
+def _lmms_sample_stddev(arr):
+    mu = sum(arr) / len(arr)
+    return math.sqrt(sum([(x - mu) ** 2 for x in arr]) / (len(arr) - 1))
+
+
+def _lmms_mean_stderr(arr):
+    return _lmms_sample_stddev(arr) / math.sqrt(len(arr))
+
+
+def test_stderr_is_lmms_evals_mean_stderr_over_each_metrics_rows(evaluated):
+    _, metrics = evaluated
+    tvg, mcq, gqa = (metrics["benchmarks"][b]["stderr"] for b in ("charades_sta", "mvbench", "nextgqa"))
+    ious = [30, 50, 70, 0, 20, 29, 10]                          # the 7 valid rows, in percent
+    assert tvg["mIoU"] == pytest.approx(_lmms_mean_stderr(ious), rel=1e-12)
+    assert tvg["R@0.5"] == pytest.approx(_lmms_mean_stderr([0, 100, 100, 0, 0, 0, 0]), rel=1e-12)
+    assert mcq["accuracy"] == pytest.approx(_lmms_mean_stderr([100, 100, 0, 0, 0, 0]), rel=1e-12)
+    # accuracy_nonempty: the empty response (row 3) is outside its denominator, so outside its error.
+    assert mcq["accuracy_nonempty"] == pytest.approx(_lmms_mean_stderr([100, 100, 0, 0, 0]), rel=1e-12)
+    assert mcq["accuracy_lenient"] == pytest.approx(_lmms_mean_stderr([100, 100, 0, 0, 0, 100]), rel=1e-12)
+    # gqa: Acc@QA over all 6 questions, the grounding metrics over the 5 with a span (row 4 has none).
+    assert gqa["Acc@QA"] == pytest.approx(_lmms_mean_stderr([100, 100, 0, 100, 100, 0]), rel=1e-12)
+    assert gqa["Acc@GQA"] == pytest.approx(_lmms_mean_stderr([100, 100, 0, 100, 0]), rel=1e-12)
+    assert gqa["mIoU"] == pytest.approx(_lmms_mean_stderr([100 / 3, 300 / 7, 20, 0, 50]), rel=1e-12)
+    assert gqa["mIoP"] == pytest.approx(_lmms_mean_stderr([50, 60, 100, 100, 100]), rel=1e-12)
+    assert set(metrics["benchmarks"]["activitynet"]["stderr"].values()) == {None}   # no rows, no error
+    flat = flatten_metrics(metrics)
+    assert flat["eval/charades_sta/stderr/mIoU"] == tvg["mIoU"] and flat["eval/nextgqa/stderr/Acc@GQA"] == gqa["Acc@GQA"]
+
+
+def test_stderr_needs_two_rows_and_refuses_a_metric_that_is_not_a_mean(monkeypatch):
+    _, one = evaluate_predictions([TVG[1]])
+    assert one["benchmarks"]["charades_sta"]["stderr"]["mIoU"] is None
+    _, same = evaluate_predictions([TVG[1], dict(TVG[1], id="copy")])
+    assert same["benchmarks"]["charades_sta"]["stderr"]["mIoU"] == 0.0
+    import megavrl.eval.metrics as metrics_module
+
+    def median_miou(ious):  # a metric that is not the mean of the rows' values
+        return {**temporal_grounding_metrics(ious), "mIoU": 100 * sorted(ious)[len(ious) // 2]}
+    monkeypatch.setattr(metrics_module, "temporal_grounding_metrics", median_miou)
+    with pytest.raises(ArithmeticError, match="tvg mIoU"):
+        evaluate_predictions([TVG[0], TVG[1], TVG[4]])  # IoUs 0.3, 0.5, 0.2: median 0.3, mean 1/3
 
 
 def test_benchmark_defaults_to_task_and_flatten_for_tensorboard():
