@@ -8,7 +8,7 @@ than a random subset of the same size.
 Steps (each a ``megavrl`` subprocess; see bench/cli_runs.py):
   1. warm start, cached and shared with bench_reward_curve: the demo's (examples/demo.sh) tiny
      random Qwen2.5-VL, synthetic grounding videos (504 rows in train.jsonl, 72 in val.jsonl for
-     evaluation; one frame-filling event per video) and 300 SFT steps exported to HF;
+     evaluation; one frame-filling event per video) and 600 SFT steps exported to HF;
   2. ``megavrl select`` with the SFT model: k rollouts per training row (temperature 1), keep the
      ``--top-fraction`` of rows with the highest reward variance (rows whose k rewards are all
      equal are dropped first) -> the selected subset, M rows;
@@ -53,10 +53,10 @@ Modes
   --quick (default): 1 seed, 8 GRPO steps, k=4, the top half of the 504 training rows, greedy
                      evaluation on the 72 val rows at steps 0, 4 and 8, expected val reward from 8
                      samples per val row: about 7 minutes on one CPU core with the warm start
-                     cached (building it takes 5 more). One seed: a smoke test of the pipeline
+                     cached (building it takes 11 more). One seed: a smoke test of the pipeline
                      and a first look; use --full for the claim.
   --full:            3 seeds, 20 GRPO steps, k=8, eval every 5 steps; figures are means over
-                     seeds: about 33 minutes on one CPU core, the warm start included.
+                     seeds: about 39 minutes on one CPU core, the warm start included.
   The GRPO learning rate, n and prompts per step default to the demo's
   (examples/configs/tiny_cpu_tvg.yaml). Every setting can be overridden (--seeds, --steps, --k,
   --top-fraction, --lr, ...); extra ``key=value`` arguments after ``--`` go to every GRPO run.

@@ -33,8 +33,8 @@ echo "== 1/3 tiny model and synthetic data in $out"
     --distractors 0 --val-fraction 0.3
 
 echo "== 2/3 SFT warm start"
-"$megavrl" train --config "$config" "${common[@]}" algorithm.name=sft trainer.total_steps=300 logging.log_every=25 \
-    checkpoint.save_every=100 trainer.prompts_per_step=16 trainer.micro_batch_size=16 optimizer.lr=5e-4 \
+"$megavrl" train --config "$config" "${common[@]}" algorithm.name=sft trainer.total_steps=600 logging.log_every=50 \
+    checkpoint.save_every=200 trainer.prompts_per_step=16 trainer.micro_batch_size=16 optimizer.lr=5e-4 \
     optimizer.lr_decay_style=cosine optimizer.lr_warmup_steps=20 trainer.output_dir="$out/sft"
 
 echo "== 3/3 GRPO from the SFT model"
