@@ -326,8 +326,11 @@ def task_metrics(task: str, samples: Sequence[Mapping[str, Any]]) -> dict[str, O
     raise ValueError(f"no metrics are defined for task {task!r}; known tasks: {', '.join(TASK_METRICS)}")
 
 
-def metric_stderr(task: str, samples: Sequence[Mapping[str, Any]]) -> dict[str, Optional[float]]:
+def metric_stderr(task: str, samples: Sequence[Mapping[str, Any]],
+                  totals: Optional[Mapping[str, Optional[float]]] = None) -> dict[str, Optional[float]]:
     """lmms-eval's standard error (``mean_stderr``) of each metric of ``task`` over valid scored samples.
+
+    ``totals``: ``task_metrics(task, samples)`` when the caller has it already (computed here otherwise).
 
     Each metric is the mean, over the rows of its denominator, of the rows' own values (``task_metrics``
     of one row; None for a row outside the denominator, as a gqa question without a span is for its
@@ -338,7 +341,7 @@ def metric_stderr(task: str, samples: Sequence[Mapping[str, Any]]) -> dict[str, 
         ArithmeticError: a metric is not the mean of its rows' values (it would be given a wrong error).
     """
     rows = [task_metrics(task, [sample]) for sample in samples]
-    whole = task_metrics(task, samples)
+    whole = totals if totals is not None else task_metrics(task, samples)
     out: dict[str, Optional[float]] = {}
     for metric in TASK_METRICS[task]:
         values = [row[metric] for row in rows if row[metric] is not None]
@@ -414,8 +417,9 @@ def aggregate_metrics(scored: Iterable[Mapping[str, Any]], expected: Optional[Ma
             "format_rate": _percent(sum(formats), len(formats)),
             "primary_metric": PRIMARY_METRIC[task],
         }
-        entry.update(task_metrics(task, samples))
-        entry["stderr"] = metric_stderr(task, samples)
+        totals = task_metrics(task, samples)
+        entry.update(totals)
+        entry["stderr"] = metric_stderr(task, samples, totals)
         entry.update(blind_baseline(task, samples))
         benchmarks[name] = entry
         if entry["n_parse_failures"] or entry["n_invalid"]:
